@@ -1,0 +1,148 @@
+"""P1 locality (paper_spec §3.1, Fig. 3a): where does the decision read the field's conclusion from?
+
+For each aligned pair, prefill the old prompt (stale) and the new one (oracle), build spliced caches and decode the
+last token on all of them in one batch:
+
+  field          K and V of the field value's span [a, b) from the new prefill (= in-place edit of the field)
+  field_k/_v     only K / only V of that span
+  field_line     the span plus the rest of its line through the newline [a, line_end)
+  downstream     every position after the field [b, dpos), the field left stale
+  full           every position from the field on [a, dpos): equals the oracle by construction (a sanity check)
+
+recovery = (m_state - m_stale) / (m_oracle - m_stale), m = logit(safe) - logit(unsafe).
+"""
+from __future__ import annotations
+
+import time
+
+from kvnotes import kv
+from kvnotes.readout import Readout, candidate_logits, candidate_tokens, choose_readout
+from kvnotes.stats import summarize, summarize_proportion
+
+PAPER_REFS = ["Fig3a", "P1"]
+
+# state name -> (positions from (a, b, line_end, dpos), which of K/V)
+SPLICES = {
+    "field": (lambda a, b, e, d: range(a, b), "KV"),
+    "field_k": (lambda a, b, e, d: range(a, b), "K"),
+    "field_v": (lambda a, b, e, d: range(a, b), "V"),
+    "field_line": (lambda a, b, e, d: range(a, e), "KV"),
+    "downstream": (lambda a, b, e, d: range(b, d), "KV"),
+    "full": (lambda a, b, e, d: range(a, d), "KV"),
+}
+STATES = ("stale", "oracle", *SPLICES)
+# aggregate metric name -> state (names as in the paper's records where they exist)
+RECOVERIES = {"field_only_recovery": "field", "field_k_only_recovery": "field_k", "field_v_only_recovery": "field_v",
+              "field_line_recovery": "field_line", "downstream_only_recovery": "downstream",
+              "full_downstream_recovery": "full"}
+
+
+def measure(lm, pair, token_ids, batch_size: int = 16, check_decode: bool = False) -> dict:
+    """Model work for one pair: candidate-token logits (and the vocabulary logsumexp) of every state."""
+    t0 = time.time()
+    model = lm.model
+    dpos = pair.dpos
+    last = int(pair.old_ids[dpos])
+    if last != int(pair.new_ids[dpos]):
+        raise ValueError(f"{pair.instance.id}: the decision token differs between the arms; the pair is misaligned")
+    a, b = pair.span
+    prefix = kv.prefill(model, pair.old_ids[:a]) if a > 0 else None  # identical in both arms: computed once
+    stale = kv.prefill(model, pair.old_ids[a:dpos], past=prefix)
+    oracle = kv.prefill(model, pair.new_ids[a:dpos], past=prefix)
+    caches = [stale, oracle] + [kv.splice(stale, oracle, pos(a, b, pair.line_end, dpos), which=which)
+                                for pos, which in SPLICES.values()]
+    logits = kv.decode(model, caches, last, batch_size=batch_size)
+    rows = candidate_logits(logits, token_ids)
+    out = {"states": {s: {"logits": {str(t): v for t, v in cl.items()}, "lse": lse}
+                      for s, (cl, lse) in zip(STATES, rows)},
+           "full_equals_oracle_max_abs": float((logits[STATES.index("full")] - logits[1]).abs().max())}
+    if check_decode:  # invariant I1 on the real model: the decode step equals the full forward's last logits
+        ref = kv.full_forward_last_logits(model, pair.old_ids)
+        out["decode_vs_forward_max_abs"] = float((logits[0] - ref).abs().max())
+    out["seconds"] = round(time.time() - t0, 3)
+    return out
+
+
+def readout_key(inst) -> tuple:
+    return (tuple(inst.candidates), inst.safe, inst.unsafe)
+
+
+def choose_readouts(tokenizer, instances, raws) -> dict:
+    """One readout per group of instances sharing candidates and safe/unsafe words (a scenario, plus the controls
+    that use its actions), chosen on the unpatched stale and oracle states only."""
+    groups = {}
+    for inst in instances:
+        groups.setdefault(readout_key(inst), []).append(inst)
+    out = {}
+    for key, insts in groups.items():
+        cands = candidate_tokens(tokenizer, list(key[0]))
+        obs = [(_logits(raws[i.id], s), raws[i.id]["states"][s]["lse"]) for i in insts for s in ("stale", "oracle")]
+        out[key] = choose_readout(cands, key[1], key[2], obs)
+    return out
+
+
+def _logits(raw, state) -> dict:
+    return {int(t): v for t, v in raw["states"][state]["logits"].items()}
+
+
+def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
+    """Per-instance values, exclusions with reasons, controls, and aggregates with CIs (no model needed)."""
+    included, excluded, controls = [], [], []
+    for inst in instances:
+        raw = raws[inst.id]
+        ro: Readout = readouts[readout_key(inst)]
+        m = {s: ro.margin(_logits(raw, s)) for s in STATES}
+        dec = {s: ro.decision(_logits(raw, s)) for s in STATES}
+        mass = {s: round(ro.mass(_logits(raw, s), raw["states"][s]["lse"]), 4) for s in STATES}
+        delta = m["oracle"] - m["stale"]
+        row = {**inst.record_id(), "tokens": pairs_info[inst.id],
+               "expected_old": inst.expected_old, "expected_new": inst.expected_new,
+               "m_stale": m["stale"], "m_oracle": m["oracle"], "delta_m": delta,
+               "dec_stale": dec["stale"], "dec_oracle": dec["oracle"], "m": m, "decision": dec, "mass": mass,
+               "full_equals_oracle_max_abs": raw["full_equals_oracle_max_abs"]}
+        if "decode_vs_forward_max_abs" in raw:
+            row["decode_vs_forward_max_abs"] = raw["decode_vs_forward_max_abs"]
+        if inst.kind == "control":
+            controls.append(row)
+            continue
+        for metric, s in RECOVERIES.items():
+            row[metric] = (m[s] - m["stale"]) / delta if delta != 0 else None
+        reasons = []
+        if exclusion["require_flip"] and dec["stale"] == dec["oracle"]:
+            reasons.append(f"no decision flip: stale and oracle both decide {dec['stale']!r}")
+        if exclusion["require_correct"] and (dec["stale"] != inst.expected_old or dec["oracle"] != inst.expected_new):
+            reasons.append(f"decisions (stale {dec['stale']!r}, oracle {dec['oracle']!r}) are not the ones the values "
+                           f"imply ({inst.expected_old!r}, {inst.expected_new!r})")
+        if abs(delta) < exclusion["min_abs_delta_m"]:
+            reasons.append(f"|delta m| = {abs(delta):.3f} < tau = {exclusion['min_abs_delta_m']}")
+        if reasons:
+            row["reasons"] = reasons
+            excluded.append(row)
+        else:
+            included.append(row)
+
+    agg = {}
+    clusters = [r["scenario"] for r in included]
+    boot = dict(n_boot=stats["n_boot"], alpha=stats["alpha"], seed=stats["seed"])
+    for metric in RECOVERIES:
+        agg[metric] = summarize([r[metric] for r in included], clusters, **boot)
+    for name, s in (("field_only_new_decision_rate", "field"), ("field_line_new_decision_rate", "field_line"),
+                    ("downstream_only_new_decision_rate", "downstream")):
+        agg[name] = summarize_proportion([r["decision"][s] == r["dec_oracle"] for r in included], clusters)
+    gated = [r for r in included + excluded]
+    agg["flip_rate"] = summarize_proportion([r not in excluded for r in gated], [r["scenario"] for r in gated])
+    agg["gated_abs_delta_m"] = summarize([abs(r["delta_m"]) for r in gated], [r["scenario"] for r in gated], **boot)
+    agg["control_abs_delta_m"] = summarize([abs(r["delta_m"]) for r in controls], [r["scenario"] for r in controls],
+                                           **boot)
+    agg["control_decision_change_rate"] = summarize_proportion(
+        [r["dec_stale"] != r["dec_oracle"] for r in controls], [r["scenario"] for r in controls])
+    all_rows = included + excluded + controls
+    sanity = {"full_equals_oracle_max_abs": max((r["full_equals_oracle_max_abs"] for r in all_rows), default=None),
+              "decode_vs_forward_max_abs": max((r["decode_vs_forward_max_abs"] for r in all_rows
+                                                if "decode_vs_forward_max_abs" in r), default=None),
+              "note": "full-downstream splice reproduces the oracle by construction; a check, not a finding"}
+    summary = {"n_total": len(all_rows), "n_gated": len(gated), "n_included": len(included),
+               "n_excluded": len(excluded), "n_controls": len(controls),
+               "scenarios_included": sorted(set(clusters))}
+    return {"instances": included, "excluded": excluded, "controls": controls, "aggregate": agg,
+            "sanity": sanity, "summary": summary}

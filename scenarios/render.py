@@ -1,0 +1,113 @@
+"""Render an `Instance` for one model (chat template or plain prompt, forced suffix) and token-align the pair.
+
+Alignment is the contract every probe relies on: the old and new token sequences are identical outside one span of
+equal length (the field value's changed subtokens), so that positions mean the same thing in both caches. A pair
+that does not align raises `AlignmentError` naming the scenario, both values and the token counts; nothing is padded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scenarios.base import Instance
+
+
+class AlignmentError(ValueError):
+    pass
+
+
+@dataclass
+class AlignedPair:
+    instance: Instance
+    old_ids: torch.Tensor      # [L] long
+    new_ids: torch.Tensor      # [L] long
+    span: tuple                # [a, b): the differing span (the field value's changed subtokens)
+    line_end: int              # one past the token that ends the field's line (its newline): [a, line_end) = field line
+    text_old: str
+    text_new: str
+
+    @property
+    def length(self) -> int:
+        return int(self.old_ids.shape[0])
+
+    @property
+    def dpos(self) -> int:
+        """The decision position: the last prompt token, fed as one decode step after a cache of length L-1."""
+        return self.length - 1
+
+    def token_info(self, tokenizer) -> dict:
+        a, b = self.span
+        return {"L": self.length, "dpos": self.dpos, "span": [a, b], "line_end": self.line_end,
+                "span_old": tokenizer.convert_ids_to_tokens(self.old_ids[a:b].tolist()),
+                "span_new": tokenizer.convert_ids_to_tokens(self.new_ids[a:b].tolist()),
+                "line_tail": tokenizer.convert_ids_to_tokens(self.old_ids[b:self.line_end].tolist()),
+                "decision_token": tokenizer.convert_ids_to_tokens([int(self.old_ids[-1])])[0],
+                "regions": {"prefix": [0, a], "field": [a, b], "downstream": [b, self.dpos],
+                            "decision": [self.dpos, self.length]}}
+
+
+def render_text(messages, tokenizer, plain_prompt: dict | None = None, suffix: str = "") -> str:
+    """The prompt string: the model's chat template with the generation prompt (or a plain layout for base models
+    that have none), then the forced suffix."""
+    if plain_prompt:
+        text = "".join(plain_prompt[m["role"]].format(content=m["content"]) for m in messages)
+        text += plain_prompt["generation"]
+        sep = " " if suffix else ""
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template; give the model config a `plain_prompt` layout")
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        sep = ""
+    return text + (sep + suffix if suffix else "")
+
+
+def tokenize(text: str, tokenizer, prepend_bos: bool) -> torch.Tensor:
+    """Token ids of a rendered prompt: special tokens come from the text itself (never added twice), plus one BOS
+    in front when the model needs it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if prepend_bos:
+        if bos is None:
+            raise ValueError("prepend_bos is set but the tokenizer has no bos token")
+        if ids and ids[0] == bos:
+            raise ValueError("the rendered text already starts with BOS; prepend_bos would double it")
+        ids = [bos] + ids
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        raise ValueError("doubled BOS at the start of the prompt")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def align(instance: Instance, tokenizer, prepend_bos: bool = False, plain_prompt: dict | None = None) -> AlignedPair:
+    text_old = render_text(instance.old_messages, tokenizer, plain_prompt, instance.suffix)
+    text_new = render_text(instance.new_messages, tokenizer, plain_prompt, instance.suffix)
+    old = tokenize(text_old, tokenizer, prepend_bos)
+    new = tokenize(text_new, tokenizer, prepend_bos)
+    where = (f"scenario {instance.scenario!r} ({instance.id}), field {instance.field!r}: "
+             f"{instance.old_value!r} -> {instance.new_value!r}")
+    n_old, n_new = len(old), len(new)
+    m = min(n_old, n_new)
+    neq = (old[:m] != new[:m]).nonzero()
+    if len(neq) == 0:
+        raise AlignmentError(f"{where}: the two prompts tokenize identically (no differing span)")
+    a = int(neq[0])
+    s = 0
+    while s < m - a and old[n_old - 1 - s] == new[n_new - 1 - s]:
+        s += 1
+    b_old, b_new = n_old - s, n_new - s
+    if n_old != n_new or b_old != b_new:
+        raise AlignmentError(
+            f"{where}: the values tokenize to different lengths ({b_old - a} vs {b_new - a} tokens; prompts of "
+            f"{n_old} vs {n_new} tokens; old span {tokenizer.convert_ids_to_tokens(old[a:b_old].tolist())}, new span "
+            f"{tokenizer.convert_ids_to_tokens(new[a:b_new].tolist())}). Choose values that tokenize to equal lengths "
+            f"for this model.")
+    b = b_old
+    if b >= n_old - 1:
+        raise AlignmentError(f"{where}: the differing span reaches the decision token; nothing lies downstream")
+    line_end = b
+    toks = tokenizer.convert_ids_to_tokens(old[b:n_old - 1].tolist())
+    for i, t in enumerate(toks):
+        if "\n" in tokenizer.convert_tokens_to_string([t]):
+            line_end = b + i + 1
+            break
+    return AlignedPair(instance, old, new, (a, b), line_end, text_old, text_new)
