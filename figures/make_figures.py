@@ -167,11 +167,11 @@ def load_locality_record(path: Path) -> dict:
     if experiment != EXPERIMENT:
         raise RecordError(f"malformed record {path}: 'experiment' is {experiment!r}, expected {EXPERIMENT!r}")
     n_included = _get(rec, path, "summary", "n_included")
-    n_total = _get(rec, path, "summary", "n_total")
+    n_gated = _get(rec, path, "summary", "n_gated")   # the denominator: gated pairs (controls are reported apart)
     return {
         "path": path,
         "n_included": n_included,
-        "n_total": n_total,
+        "n_gated": n_gated,
         "metrics": {key: _metric(rec, path, key) for key, _, _ in FIG3A_METRICS},
     }
 
@@ -246,7 +246,7 @@ def build_fig3a(records: dict[str, dict[str, dict | None]], models: list[str]) -
                 ax.text(gi, 0.5 * (y_lo + y_hi), "no record", ha="center", va="center", rotation=90,
                         fontsize=7, style="italic", color=WONG["grey"])
                 continue
-            ticklabels.append(f"{model}\nn={rec['n_included']}/{rec['n_total']}")
+            ticklabels.append(f"{model}\nn={rec['n_included']}/{rec['n_gated']} gated")
             for (key, label, color), off in zip(FIG3A_METRICS, offsets):
                 m = rec["metrics"][key]
                 x = gi + off

@@ -65,6 +65,7 @@ def write_json_atomic(path: Path, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a record is for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

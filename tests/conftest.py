@@ -8,12 +8,23 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from kvnotes.models import load_model
 from scenarios import make_instances
 from scenarios.render import align
 
 TINY_MODELS = ["tiny-llama", "tiny-qwen2", "tiny-gemma3"]
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the duration of a test. The tiny models gain nothing from two threads, and with a
+    heavy job on the other core, OpenMP's waiting makes a 10-token forward ~100x slower on two threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session", params=TINY_MODELS)
@@ -46,6 +57,24 @@ def aligned_pair(lm, family: str, index: int = 0):
     if key not in _PAIRS:
         _PAIRS[key] = align_for(lm, instances(family)[index])
     return _PAIRS[key]
+
+
+@pytest.fixture(scope="session")
+def all_instances():
+    """all_instances(family, n_instances=1, seed=0) -> a fresh list of the family's instances (memoised)."""
+    return lambda family, n_instances=1, seed=0: list(instances(family, n_instances, seed))
+
+
+@pytest.fixture(scope="session", name="align_for")
+def align_for_fixture():
+    """The `align_for(lm, instance)` helper, as a fixture."""
+    return align_for
+
+
+@pytest.fixture(scope="session")
+def get_pair():
+    """The `aligned_pair(lm, family, index=0)` helper, as a fixture (test modules do not import conftest)."""
+    return aligned_pair
 
 
 @pytest.fixture(scope="session")

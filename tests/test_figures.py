@@ -43,7 +43,7 @@ def write_record(results: Path, model: str, scenario: str, means: dict | None = 
         "experiment": "locality",
         "model": {"name": model, "dtype": "float32", "n_layers": 2},
         "scenario": {"name": scenario},
-        "summary": {"n_total": n_total, "n_included": n_included, "n_excluded": n_total - n_included,
+        "summary": {"n_total": n_total + 4, "n_gated": n_total, "n_controls": 4, "n_included": n_included, "n_excluded": n_total - n_included,
                     "n_controls": 8},
         "aggregate": agg,
     }
@@ -109,7 +109,7 @@ def test_bar_heights_and_errorbars_come_from_records(tmp_path):
     assert colours["model-a|full_downstream_recovery"] == pytest.approx(to_rgba("#009E73"))
     # n annotations and 'no record' come from the records
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert labels == ["model-a\nn=30/48", "model-b\nn=30/48"]
+    assert labels == ["model-a\nn=30/48 gated", "model-b\nn=30/48 gated"]
     assert "model-b\nno record" in [t.get_text() for t in fig.axes[1].get_xticklabels()]
     # the CI whiskers end at the record's CI (0.137 ± 0.05)
     segs = [seg for coll in ax.collections for seg in coll.get_segments()]
