@@ -99,7 +99,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                "expected_old": inst.expected_old, "expected_new": inst.expected_new,
                "m_stale": m["stale"], "m_oracle": m["oracle"], "delta_m": delta,
                "dec_stale": dec["stale"], "dec_oracle": dec["oracle"], "m": m, "decision": dec, "mass": mass,
-               "full_equals_oracle_max_abs": raw["full_equals_oracle_max_abs"]}
+               "full_equals_oracle_max_abs": raw["full_equals_oracle_max_abs"],
+               "raw": raw["states"]}   # candidate-token logits + logsumexp per state: re-analysable without the model
         if "decode_vs_forward_max_abs" in raw:
             row["decode_vs_forward_max_abs"] = raw["decode_vs_forward_max_abs"]
         if inst.kind == "control":
@@ -129,13 +130,23 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     for name, s in (("field_only_new_decision_rate", "field"), ("field_line_new_decision_rate", "field_line"),
                     ("downstream_only_new_decision_rate", "downstream")):
         agg[name] = summarize_proportion([r["decision"][s] == r["dec_oracle"] for r in included], clusters)
-    gated = [r for r in included + excluded]
-    agg["flip_rate"] = summarize_proportion([r not in excluded for r in gated], [r["scenario"] for r in gated])
+    gated = included + excluded
+    gated_clusters = [r["scenario"] for r in gated]
+    agg["flip_rate"] = summarize_proportion([r["dec_stale"] != r["dec_oracle"] for r in gated], gated_clusters)
+    agg["correct_flip_rate"] = summarize_proportion(
+        [r["dec_stale"] == r["expected_old"] and r["dec_oracle"] == r["expected_new"] for r in gated], gated_clusters)
+    agg["inclusion_rate"] = summarize_proportion(["reasons" not in r for r in gated], gated_clusters)
     agg["gated_abs_delta_m"] = summarize([abs(r["delta_m"]) for r in gated], [r["scenario"] for r in gated], **boot)
     agg["control_abs_delta_m"] = summarize([abs(r["delta_m"]) for r in controls], [r["scenario"] for r in controls],
                                            **boot)
     agg["control_decision_change_rate"] = summarize_proportion(
         [r["dec_stale"] != r["dec_oracle"] for r in controls], [r["scenario"] for r in controls])
+    if gated and not included:
+        finding = (f"no gated pair passes the inclusion rule: the decision does not follow the field on this "
+                   f"scenario family ({agg['flip_rate']['k']}/{len(gated)} pairs change decision at all); "
+                   f"recoveries are undefined here")
+    else:
+        finding = None
     all_rows = included + excluded + controls
     sanity = {"full_equals_oracle_max_abs": max((r["full_equals_oracle_max_abs"] for r in all_rows), default=None),
               "decode_vs_forward_max_abs": max((r["decode_vs_forward_max_abs"] for r in all_rows
@@ -143,6 +154,6 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
               "note": "full-downstream splice reproduces the oracle by construction; a check, not a finding"}
     summary = {"n_total": len(all_rows), "n_gated": len(gated), "n_included": len(included),
                "n_excluded": len(excluded), "n_controls": len(controls),
-               "scenarios_included": sorted(set(clusters))}
+               "scenarios_included": sorted(set(clusters)), "finding": finding}
     return {"instances": included, "excluded": excluded, "controls": controls, "aggregate": agg,
             "sanity": sanity, "summary": summary}

@@ -44,7 +44,13 @@ def test_record_schema_and_invariants(tmp_path, model):
     s = rec["summary"]
     assert s["n_included"] + s["n_excluded"] == s["n_gated"] == 10 and s["n_controls"] == 1
     assert all(r["reasons"] for r in rec["excluded"])          # nothing dropped without a reason
-    for metric in ("field_only_recovery", "full_downstream_recovery", "flip_rate", "control_abs_delta_m"):
+    assert rec["aggregate"]["inclusion_rate"]["k"] == s["n_included"]
+    if s["n_included"] == 0:
+        assert "no gated pair passes the inclusion rule" in s["finding"]
+    for row in rec["excluded"] + rec["instances"] + rec["controls"]:
+        assert set(row["raw"]) == set(row["m"])                # raw candidate logits kept for every state
+    for metric in ("field_only_recovery", "full_downstream_recovery", "flip_rate", "correct_flip_rate",
+                   "inclusion_rate", "control_abs_delta_m"):
         assert {"mean", "ci", "ci_method", "n", "n_clusters", "per_scenario"} <= set(rec["aggregate"][metric])
     # sanity checks on every instance of the run: the full splice is the oracle, decode equals the full forward
     assert rec["sanity"]["full_equals_oracle_max_abs"] < 1e-4
