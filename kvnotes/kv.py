@@ -10,6 +10,7 @@ outside a layer's stored window is skipped on that layer (the decode step cannot
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterable, Sequence
 
@@ -96,3 +97,62 @@ def decode(model, caches: Sequence, last_token: int, batch_size: int = 16) -> to
 def full_forward_last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Last-position logits (fp32, `[vocab]`) of a forward over the whole prompt, no cache: the reference for decode."""
     return model(input_ids=ids[None, :], use_cache=False).logits[0, -1].float()
+
+
+# -- the frozen full-forward path (the TransformerLens-style realisation of a cache-state splice) ---------------------
+
+FROZEN_ATTN = "kvnotes_frozen"
+_FROZEN: list = []
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """Temporarily route every attention module of `model` through the implementation registered as `name`."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
+def _frozen_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa attention after overwriting the freshly computed K/V of every cached position with the frozen ones."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    layer = _FROZEN[-1].layers[module.layer_idx]
+    start, stop = _layer_offset(layer), _layer_offset(layer) + layer.keys.shape[-2]
+    key, value = key.clone(), value.clone()
+    key[:, :, start:stop] = layer.keys
+    value[:, :, start:stop] = layer.values
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_frozen():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(FROZEN_ATTN, _frozen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FROZEN_ATTN, sdpa_mask)
+
+
+@torch.inference_mode()
+def frozen_forward(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Last-position logits (fp32, `[vocab]`) of a full forward over `ids` (1-D, the whole prompt) in which every
+    layer's K and V at the positions `cache` holds are overwritten by the cache's (paper_spec §9.2 item 3).
+
+    This is how TransformerLens patches a cache state: hooks on every layer's (rotated) K/V that replace all positions
+    before the decision token with stored tensors, the base's except where the splice put the source's. Nothing the
+    last query reads is recomputed, so it equals one decode step on `cache`; it costs a forward over the whole prompt
+    per intervention, which is what the batched engine is measured against."""
+    if cache_length(cache) != len(ids) - 1:
+        raise ValueError(f"the cache holds {cache_length(cache)} positions; a frozen forward of {len(ids)} tokens "
+                         f"needs the {len(ids) - 1} before the decision token")
+    _register_frozen()
+    _FROZEN.append(cache)
+    try:
+        with attention_implementation(model, FROZEN_ATTN):
+            return model(input_ids=ids[None, :], use_cache=False).logits[0, -1].float()
+    finally:
+        _FROZEN.pop()
