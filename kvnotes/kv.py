@@ -24,7 +24,7 @@ def prefill(model, ids: torch.Tensor, past=None):
     """Run `ids` (1-D) and return the cache it writes. With `past` (a cache of the preceding tokens, left untouched)
     the run continues from it: old and new prompts share their prefix, so it is computed once."""
     past = copy.deepcopy(past) if past is not None else None
-    out = model(input_ids=ids[None, :], past_key_values=past, use_cache=True)
+    out = model(input_ids=ids[None, :], past_key_values=past, use_cache=True, logits_to_keep=1)  # no [L, vocab]
     return out.past_key_values
 
 
@@ -96,7 +96,7 @@ def decode(model, caches: Sequence, last_token: int, batch_size: int = 16) -> to
 @torch.inference_mode()
 def full_forward_last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Last-position logits (fp32, `[vocab]`) of a forward over the whole prompt, no cache: the reference for decode."""
-    return model(input_ids=ids[None, :], use_cache=False).logits[0, -1].float()
+    return model(input_ids=ids[None, :], use_cache=False, logits_to_keep=1).logits[0, -1].float()
 
 
 # -- the frozen full-forward path (the TransformerLens-style realisation of a cache-state splice) ---------------------
@@ -153,6 +153,6 @@ def frozen_forward(model, ids: torch.Tensor, cache) -> torch.Tensor:
     _FROZEN.append(cache)
     try:
         with attention_implementation(model, FROZEN_ATTN):
-            return model(input_ids=ids[None, :], use_cache=False).logits[0, -1].float()
+            return model(input_ids=ids[None, :], use_cache=False, logits_to_keep=1).logits[0, -1].float()
     finally:
         _FROZEN.pop()
