@@ -70,22 +70,23 @@ def _splice_attention(module, query, key, value, attention_mask, scaling, dropou
     """Attention of one decode query per batch row over the shared base cache plus that row's edits, plus itself."""
     ctx = _ACTIVE[-1]
     li = module.layer_idx
-    base_k, base_v = ctx.keys[li], ctx.values[li]          # [kvh, Lc, d]
-    kvh, n_stored, d = base_k.shape
+    ext_k, ext_v = ctx.keys[li], ctx.values[li]            # [kvh, Lc + 1, d]: the base cache plus a zero row
+    kvh, n_ext, d = ext_k.shape
+    n_stored = n_ext - 1
     bsz, n_heads, q_len, _ = query.shape
     if q_len != 1:
         raise RuntimeError("the splice engine decodes exactly one token per intervention")
     g = n_heads // kvh
-    q = query.view(bsz, kvh, g, d)
-    scores = torch.matmul(q.transpose(0, 1).reshape(kvh, bsz * g, d), base_k.transpose(1, 2))
-    scores = scores.view(kvh, bsz, g, n_stored)
+    q = (query * scaling).view(bsz, kvh, g, d)
+    # one GEMM per KV head for all B x g queries; the zero row's column (last) is where the token's own score goes
+    scores = torch.matmul(q.transpose(0, 1).reshape(kvh, bsz * g, d), ext_k.transpose(1, 2))
+    scores4 = scores.view(kvh, bsz, g, n_ext)
+    scores4[..., n_stored] = (q * key.view(bsz, kvh, 1, d)).sum(-1).transpose(0, 1)
     ed = ctx.edits[li]
     if ed is not None and ed.keys is not None:
         # [E, kvh, g] scores of the edited rows against their new keys, written over the base-key scores
         new = torch.einsum("ekgd,ekd->ekg", q[ed.batch], ed.keys)
-        scores.permute(1, 3, 0, 2)[ed.batch, ed.pos] = new
-    own = (q * key.view(bsz, kvh, 1, d)).sum(-1)           # [B, kvh, g]: the decode token attends to itself
-    scores = torch.cat([scores, own.permute(1, 0, 2).unsqueeze(-1)], dim=-1) * scaling
+        scores4.permute(1, 3, 0, 2)[ed.batch, ed.pos] = new
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if sliding_window is not None:
@@ -93,9 +94,10 @@ def _splice_attention(module, query, key, value, attention_mask, scaling, dropou
         first = ctx.query_pos - int(sliding_window) + 1 - ctx.offsets[li]
         if first > 0:
             scores[..., :first] = float("-inf")
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)    # [kvh, B, g, Lc + 1]
-    out = torch.matmul(probs[..., :n_stored].reshape(kvh, bsz * g, n_stored), base_v).view(kvh, bsz, g, d)
-    out = out + probs[..., n_stored:] * value.view(bsz, kvh, 1, d).transpose(0, 1)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)    # [kvh, B * g, Lc + 1]
+    out = torch.matmul(probs, ext_v).view(kvh, bsz, g, d)           # the zero row adds nothing ...
+    probs = probs.view(kvh, bsz, g, n_ext)
+    out = out + probs[..., n_stored:] * value.view(bsz, kvh, 1, d).transpose(0, 1)   # ... the token's own value
     if ed is not None and ed.values is not None:
         p_e = probs.permute(1, 3, 0, 2)[ed.batch, ed.pos]           # [E, kvh, g]
         out = out.transpose(0, 1).index_add(0, ed.batch, p_e.unsqueeze(-1) * ed.values.unsqueeze(2)).transpose(0, 1)
@@ -107,14 +109,19 @@ def _register():
     AttentionInterface.register(ATTN_NAME, _splice_attention)
 
 
-def _layer_kv(cache):
-    """Per layer: stored keys/values `[kvh, Lc, d]` (batch row 0) and the absolute position of stored index 0."""
+def _layer_kv(cache, zero_row: bool = False):
+    """Per layer: stored keys/values `[kvh, Lc, d]` (batch row 0) and the absolute position of stored index 0.
+    With `zero_row`, each gets one more row of zeros at the end (the slot of the decode token's own key/value)."""
     keys, values, offsets = [], [], []
     for layer in cache.layers:
         if layer.keys.shape[0] != 1:
             raise ValueError("the splice engine takes caches of batch 1 (one prefill each)")
-        keys.append(layer.keys[0])
-        values.append(layer.values[0])
+        k, v = layer.keys[0], layer.values[0]
+        if zero_row:
+            k = torch.cat([k, k.new_zeros(k.shape[0], 1, k.shape[2])], dim=1)
+            v = torch.cat([v, v.new_zeros(v.shape[0], 1, v.shape[2])], dim=1)
+        keys.append(k)
+        values.append(v)
         offsets.append(kv._layer_offset(layer))
     return keys, values, offsets
 
@@ -142,7 +149,7 @@ class SpliceEngine:
             if kv.cache_length(src) != self.length:
                 raise ValueError(f"source {name!r} has length {kv.cache_length(src)}, base {self.length}: "
                                  "the prompts are not aligned")
-        self.keys, self.values, self.offsets = _layer_kv(base)
+        self.keys, self.values, self.offsets = _layer_kv(base, zero_row=True)
         self.sources = {name: _layer_kv(src) for name, src in sources.items()}
         for name, (_, _, offs) in self.sources.items():
             if offs != self.offsets:
