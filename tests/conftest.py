@@ -10,6 +10,7 @@ import functools
 import pytest
 import torch
 
+from kvnotes import kv
 from kvnotes.models import load_model
 from scenarios import make_instances
 from scenarios.render import align
@@ -85,3 +86,71 @@ def diverse_pair(tiny):
 @pytest.fixture(scope="session")
 def family_a_pair(tiny):
     return aligned_pair(tiny, "family_a")
+
+
+# ---------------------------------------------------------------- prefilled aligned pairs (shared by the KV tests)
+def snapshot(cache):
+    return (kv.cache_length(cache), [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+
+
+class Case:
+    """An aligned old/new pair on one model, with its caches computed lazily (and once)."""
+
+    def __init__(self, lm, name: str, get_pair):
+        self.lm, self.name, self.model = lm, name, lm.model
+        pair = get_pair(lm, "family_a" if name == "family_a" else "diverse")
+        self.old, self.new = pair.old_ids, pair.new_ids
+        self.a, self.b = pair.span
+        if name == "short":
+            self.old, self.new = self.old[:self.b + 8], self.new[:self.b + 8]
+        self.L = len(self.old)
+        self.d = self.L - 1                       # decision position; caches hold [0, d)
+        self.last = int(self.old[-1])
+        assert int(self.new[-1]) == self.last
+        assert torch.equal(self.old[:self.a], self.new[:self.a]) and torch.equal(self.old[self.b:], self.new[self.b:])
+
+    @functools.cached_property
+    def pre(self):
+        """Prefix cache [0, a), snapshotted at once so later continuations can be checked not to touch it."""
+        cache = kv.prefill(self.model, self.old[:self.a])
+        self.pre_snapshot = snapshot(cache)
+        return cache
+
+    @functools.cached_property
+    def stale(self):
+        return kv.prefill(self.model, self.old[self.a:self.d], past=self.pre)
+
+    @functools.cached_property
+    def oracle(self):
+        return kv.prefill(self.model, self.new[self.a:self.d], past=self.pre)
+
+    @functools.cached_property
+    def full_old(self):
+        return kv.full_forward_last_logits(self.model, self.old)
+
+    @functools.cached_property
+    def full_new(self):
+        return kv.full_forward_last_logits(self.model, self.new)
+
+    @functools.cached_property
+    def decoded(self):
+        """Decode logits of (stale, oracle), one cache at a time."""
+        return (kv.decode(self.model, [self.stale], self.last)[0], kv.decode(self.model, [self.oracle], self.last)[0])
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.lm.spec["arch"] == "gemma3"
+
+
+_CASES: dict = {}
+
+
+@pytest.fixture
+def case(get_pair):
+    """case(lm, name) -> the memoised Case of that model."""
+    def get(lm, name) -> Case:
+        key = (lm.spec["name"], name)
+        if key not in _CASES:
+            _CASES[key] = Case(lm, name, get_pair)
+        return _CASES[key]
+    return get

@@ -218,3 +218,22 @@ def test_control_frozen_splice_is_not_activation_patching(backends):
     recomputed = c.tl_logits(c.old, c.tl_splice_hooks(P, frozen=False))
     assert max_abs(frozen, recomputed) > MOVES
     assert max_abs(recomputed, c.hf_splice_logits(P)) > MOVES
+
+
+# ---------------------------------------------------------------- the engine and the frozen forward agree with TL
+@pytest.mark.parametrize("which", ["field", "downstream", "mid"])
+def test_I11_engine_and_frozen_forward_equal_the_tl_hook_splice(backends, which):
+    """Three realisations of one cache-state splice: TL hooks over the full prompt, kvnotes' frozen full forward on
+    the HF model, and the batched engine (one row of a batch that also holds the other splices)."""
+    from kvnotes.engine import Splice, SpliceEngine
+    c = backends
+    P = c.positions(which)
+    tl = c.tl_logits(c.old, c.tl_splice_hooks(P))
+    stale, oracle = c.hf_caches
+    frozen = kv.frozen_forward(c.hf, c.old, kv.splice(stale, oracle, P))
+    batch = [Splice(tuple(c.positions(w))) for w in ("field", "downstream", "mid")]
+    engine = SpliceEngine(c.hf, stale, oracle, c.last).run(batch)[batch.index(Splice(tuple(P)))]
+    effect = max_abs(tl, c.tl_base)
+    for name, got in (("frozen forward", frozen), ("engine", engine)):
+        diff = max_abs(got, tl)
+        assert diff <= TOL and diff <= FINER * effect, f"{which}: {name} vs TL hook splice differ by {diff:.3g}"

@@ -11,11 +11,10 @@ s of them holds absolute positions [n - s, n).
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
+from conftest import snapshot  # noqa: E402  (shared with the Case fixture)
 from kvnotes import kv
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -33,10 +32,6 @@ def max_abs(x, y) -> float:
 def kv_close(x, ref) -> bool:
     """max |x - ref| <= KV_TOL, scaled by the tensor's magnitude when that exceeds 1."""
     return max_abs(x, ref) <= KV_TOL * max(1.0, float(ref.abs().max()))
-
-
-def snapshot(cache):
-    return (kv.cache_length(cache), [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
 
 
 def assert_unchanged(cache, snap):
@@ -77,67 +72,6 @@ def assert_cache_equals(cache, expected):
         assert torch.equal(layer.values, v), f"layer {li}: values differ from the expected splice"
 
 
-class Case:
-    """An aligned old/new pair on one model, with its caches computed lazily (and once)."""
-
-    def __init__(self, lm, name: str, get_pair):
-        self.lm, self.name, self.model = lm, name, lm.model
-        pair = get_pair(lm, "family_a" if name == "family_a" else "diverse")
-        self.old, self.new = pair.old_ids, pair.new_ids
-        self.a, self.b = pair.span
-        if name == "short":
-            self.old, self.new = self.old[:self.b + 8], self.new[:self.b + 8]
-        self.L = len(self.old)
-        self.d = self.L - 1                       # decision position; caches hold [0, d)
-        self.last = int(self.old[-1])
-        assert int(self.new[-1]) == self.last
-        assert torch.equal(self.old[:self.a], self.new[:self.a]) and torch.equal(self.old[self.b:], self.new[self.b:])
-
-    @functools.cached_property
-    def pre(self):
-        """Prefix cache [0, a), snapshotted at once so later continuations can be checked not to touch it."""
-        cache = kv.prefill(self.model, self.old[:self.a])
-        self.pre_snapshot = snapshot(cache)
-        return cache
-
-    @functools.cached_property
-    def stale(self):
-        return kv.prefill(self.model, self.old[self.a:self.d], past=self.pre)
-
-    @functools.cached_property
-    def oracle(self):
-        return kv.prefill(self.model, self.new[self.a:self.d], past=self.pre)
-
-    @functools.cached_property
-    def full_old(self):
-        return kv.full_forward_last_logits(self.model, self.old)
-
-    @functools.cached_property
-    def full_new(self):
-        return kv.full_forward_last_logits(self.model, self.new)
-
-    @functools.cached_property
-    def decoded(self):
-        """Decode logits of (stale, oracle), one cache at a time."""
-        return (kv.decode(self.model, [self.stale], self.last)[0], kv.decode(self.model, [self.oracle], self.last)[0])
-
-    @property
-    def is_gemma(self) -> bool:
-        return self.lm.spec["arch"] == "gemma3"
-
-
-_CASES: dict = {}
-
-
-@pytest.fixture
-def case(get_pair):
-    """case(lm, name) -> the memoised Case of that model."""
-    def get(lm, name) -> Case:
-        key = (lm.spec["name"], name)
-        if key not in _CASES:
-            _CASES[key] = Case(lm, name, get_pair)
-        return _CASES[key]
-    return get
 
 
 # ---------------------------------------------------------------- I1: decode step == full forward
