@@ -41,6 +41,7 @@ def peak_rss_gib() -> float:
 def run(cfg: DictConfig) -> dict:
     """Run the configured probe and write its record; returns the record."""
     t0, started = time.time(), now_iso()
+    prov = provenance(cfg.seed, started, 0.0)   # git state as the run starts: the code that produced the record
     conf = OmegaConf.to_container(cfg, resolve=True)
     conf.pop("hydra", None)
     random.seed(cfg.seed)
@@ -84,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
         "scenario": {"name": cfg.scenario.name, "family": cfg.scenario.family, "params": params,
                      "n_instances_per_scenario": cfg.n_instances},
         "config": conf,
-        "provenance": provenance(cfg.seed, started, wall),
+        "provenance": {**prov, "wall_s": round(wall, 2)},
         "readout": {"per_group": [{"candidates": list(k[0]), **ro.to_record()} for k, ro in readouts.items()],
                     "exclusion_rule": conf["exclusion"]},
         **analysis,

@@ -97,6 +97,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="record path ('-' for none); default results/bench/<model>[-dtype].json")
     args = ap.parse_args(argv)
     started, t_start = now_iso(), time.time()
+    prov = provenance(0, started, 0.0)          # git state as the run starts: the code that produced the record
     dtype = DTYPES[args.dtype]
 
     lm = load_model(args.model, dtype=args.dtype)
@@ -201,7 +202,7 @@ def main(argv=None) -> dict:
         "schema_version": 1, "experiment": "bench", "model": args.model,
         "config": {**vars(args), "instance_id": inst.id, "L": pair.length, "span": [a, b], "dpos": dpos,
                    "threads": torch.get_num_threads()},
-        "provenance": provenance(0, started, time.time() - t_start),
+        "provenance": prov,
         "readout": readout.to_record(), "m_stale": m_stale, "m_oracle": m_oracle,
         "instances": {"positions": positions, "recovery_batched": rec_c.tolist(),
                       "sequential_positions": seq_pos, "recovery_sequential": rec_b.tolist(),
