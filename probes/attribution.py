@@ -20,8 +20,8 @@ import torch
 from kvnotes import kv
 from kvnotes.attribution import agreement, splice_attribution
 from kvnotes.engine import Splice, SpliceEngine
-from kvnotes.readout import candidate_logits
 from kvnotes.stats import summarize
+from probes.common import end_states, exclusion_reasons, prefill_pair
 from probes.locality import _logits, choose_readouts, readout_key  # noqa: F401  (same readout policy)
 
 PAPER_REFS = ["§9.2 batching", "Step 2 attribution patching"]
@@ -32,18 +32,11 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
     """Exact and estimated effects on every candidate token's logit, for positions and for (layer, KV head)s."""
     t0 = time.time()
     model = lm.model
-    dpos, last = pair.dpos, int(pair.old_ids[pair.dpos])
-    if last != int(pair.new_ids[dpos]):
-        raise ValueError(f"{pair.instance.id}: the decision token differs between the arms; the pair is misaligned")
-    a, _ = pair.span
+    dpos, (a, _) = pair.dpos, pair.span
     token_ids = sorted(set(int(t) for t in token_ids))
-    prefix = kv.prefill(model, pair.old_ids[:a]) if a > 0 else None
-    stale = kv.prefill(model, pair.old_ids[a:dpos], past=prefix)
-    oracle = kv.prefill(model, pair.new_ids[a:dpos], past=prefix)
-    ends = kv.decode(model, [stale, oracle], last)
-    states = {s: {"logits": {str(t): v for t, v in cl.items()}, "lse": lse}
-              for s, (cl, lse) in zip(("stale", "oracle"), candidate_logits(ends, token_ids))}
-
+    stale, oracle, last = prefill_pair(model, pair)
+    states = end_states(model, stale, oracle, last, token_ids)
+    ends = kv.decode(model, [stale], last)
     n_layers, kvh = len(stale.layers), stale.layers[0].keys.shape[1]
     positions = list(range(a, dpos))
     t = time.time()
@@ -100,14 +93,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         if inst.kind == "control":
             controls.append(row)
             continue
-        reasons = []
-        if exclusion["require_flip"] and dec["stale"] == dec["oracle"]:
-            reasons.append(f"no decision flip: stale and oracle both decide {dec['stale']!r}")
-        if exclusion["require_correct"] and (dec["stale"] != inst.expected_old or dec["oracle"] != inst.expected_new):
-            reasons.append(f"decisions (stale {dec['stale']!r}, oracle {dec['oracle']!r}) are not the ones the values "
-                           f"imply ({inst.expected_old!r}, {inst.expected_new!r})")
-        if abs(delta) < exclusion["min_abs_delta_m"]:
-            reasons.append(f"|delta m| = {abs(delta):.3f} < tau = {exclusion['min_abs_delta_m']}")
+        reasons = exclusion_reasons(inst, dec["stale"], dec["oracle"], delta, exclusion)
         if reasons:
             row["reasons"] = reasons
             excluded.append(row)

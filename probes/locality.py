@@ -18,6 +18,7 @@ import time
 from kvnotes import kv
 from kvnotes.readout import Readout, candidate_logits, candidate_tokens, choose_readout
 from kvnotes.stats import summarize, summarize_proportion
+from probes.common import exclusion_reasons, prefill_pair
 
 PAPER_REFS = ["Fig3a", "P1"]
 
@@ -41,14 +42,9 @@ def measure(lm, pair, token_ids, batch_size: int = 16, check_decode: bool = Fals
     """Model work for one pair: candidate-token logits (and the vocabulary logsumexp) of every state."""
     t0 = time.time()
     model = lm.model
-    dpos = pair.dpos
-    last = int(pair.old_ids[dpos])
-    if last != int(pair.new_ids[dpos]):
-        raise ValueError(f"{pair.instance.id}: the decision token differs between the arms; the pair is misaligned")
+    stale, oracle, last = prefill_pair(model, pair)
     a, b = pair.span
-    prefix = kv.prefill(model, pair.old_ids[:a]) if a > 0 else None  # identical in both arms: computed once
-    stale = kv.prefill(model, pair.old_ids[a:dpos], past=prefix)
-    oracle = kv.prefill(model, pair.new_ids[a:dpos], past=prefix)
+    dpos = pair.dpos
     caches = [stale, oracle] + [kv.splice(stale, oracle, pos(a, b, pair.line_end, dpos), which=which)
                                 for pos, which in SPLICES.values()]
     logits = kv.decode(model, caches, last, batch_size=batch_size)
@@ -108,14 +104,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
             continue
         for metric, s in RECOVERIES.items():
             row[metric] = (m[s] - m["stale"]) / delta if delta != 0 else None
-        reasons = []
-        if exclusion["require_flip"] and dec["stale"] == dec["oracle"]:
-            reasons.append(f"no decision flip: stale and oracle both decide {dec['stale']!r}")
-        if exclusion["require_correct"] and (dec["stale"] != inst.expected_old or dec["oracle"] != inst.expected_new):
-            reasons.append(f"decisions (stale {dec['stale']!r}, oracle {dec['oracle']!r}) are not the ones the values "
-                           f"imply ({inst.expected_old!r}, {inst.expected_new!r})")
-        if abs(delta) < exclusion["min_abs_delta_m"]:
-            reasons.append(f"|delta m| = {abs(delta):.3f} < tau = {exclusion['min_abs_delta_m']}")
+        reasons = exclusion_reasons(inst, dec["stale"], dec["oracle"], delta, exclusion)
         if reasons:
             row["reasons"] = reasons
             excluded.append(row)

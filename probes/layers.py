@@ -1,0 +1,95 @@
+"""P3 layer sweep (paper_spec §3.3): splice all of [a, dpos) in one layer at a time, and cumulatively.
+
+Per pair, for every layer l: `single` (layer l only), `upto` (layers <= l) and `from` (layers >= l), all batched in
+one engine run (3 x n_layers splices; the rows of layer-l splices share layers < l with the base, see the engine).
+`upto` at the last layer and `from` at layer 0 are the full-downstream splice: recovery 1 by construction (sanity).
+Bands are thirds of relative depth (early l < n/3, mid < 2n/3, late), the paper's binning, averaged per pair.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvnotes.engine import Splice, SpliceEngine
+from kvnotes.stats import summarize
+from probes.common import end_states, exclusion_reasons, prefill_pair
+from probes.locality import _logits, choose_readouts, readout_key  # noqa: F401  (same readout policy)
+from probes.positions import margins
+
+PAPER_REFS = ["P3", "§3.3"]
+KINDS = ("single", "upto", "from")
+
+
+def layer_splices(a: int, dpos: int, n_layers: int) -> list[Splice]:
+    pos = tuple(range(a, dpos))
+    return ([Splice(pos, layers=(li,)) for li in range(n_layers)]
+            + [Splice(pos, layers=tuple(range(li + 1))) for li in range(n_layers)]
+            + [Splice(pos, layers=tuple(range(li, n_layers))) for li in range(n_layers)])
+
+
+def band(li: int, n_layers: int) -> str:
+    return "early" if li < n_layers / 3 else "mid" if li < 2 * n_layers / 3 else "late"
+
+
+def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = False) -> dict:
+    t0 = time.time()
+    token_ids = sorted(set(int(t) for t in token_ids))
+    stale, oracle, last = prefill_pair(lm.model, pair)
+    n_layers = len(stale.layers)
+    engine = SpliceEngine(lm.model, stale, oracle, last, chunk_size=batch_size)
+    rows = engine.run(layer_splices(pair.span[0], pair.dpos, n_layers), tokens=token_ids)
+    return {"states": end_states(lm.model, stale, oracle, last, token_ids), "token_ids": token_ids,
+            "n_layers": n_layers, "rows": rows.tolist(), "seconds": round(time.time() - t0, 3)}
+
+
+def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
+    included, excluded, controls = [], [], []
+    n_layers = None
+    for inst in instances:
+        raw, ro = raws[inst.id], readouts[readout_key(inst)]
+        n_layers = raw["n_layers"]
+        m = {s: ro.margin(_logits(raw, s)) for s in ("stale", "oracle")}
+        dec = {s: ro.decision(_logits(raw, s)) for s in ("stale", "oracle")}
+        delta = m["oracle"] - m["stale"]
+        row = {**inst.record_id(), "tokens": pairs_info[inst.id], "m_stale": m["stale"], "m_oracle": m["oracle"],
+               "delta_m": delta, "dec_stale": dec["stale"], "dec_oracle": dec["oracle"],
+               "raw": {"token_ids": raw["token_ids"], "rows": raw["rows"]}}
+        if delta:
+            rec = ((margins(raw, ro) - m["stale"]) / delta).view(len(KINDS), n_layers)
+            row.update({kind: rec[i].tolist() for i, kind in enumerate(KINDS)})
+            members = {b: [li for li in range(n_layers) if band(li, n_layers) == b] for b in ("early", "mid", "late")}
+            row["band_recovery"] = {b: float(rec[0][ls].mean()) for b, ls in members.items() if ls}
+            row["sum_of_single_layer_recoveries"] = float(rec[0].sum())
+            row["full_recovery_check"] = [float(rec[1][-1]), float(rec[2][0])]
+        if inst.kind == "control":
+            controls.append(row)
+            continue
+        reasons = exclusion_reasons(inst, dec["stale"], dec["oracle"], delta, exclusion)
+        if reasons:
+            row["reasons"] = reasons
+            excluded.append(row)
+        else:
+            included.append(row)
+
+    boot = dict(n_boot=stats["n_boot"], alpha=stats["alpha"], seed=stats["seed"])
+    clusters = [r["scenario"] for r in included]
+    agg = {}
+    for b in ("early", "mid", "late"):
+        if included and b in included[0]["band_recovery"]:       # a model with < 3 layers has empty bands
+            agg[f"band_recovery/{b}"] = summarize([r["band_recovery"][b] for r in included], clusters, **boot)
+    for kind in KINDS:
+        agg[f"{kind}_by_layer"] = [summarize([r[kind][li] for r in included], clusters, **boot)
+                                   for li in range(n_layers or 0)] if included else []
+    agg["sum_of_single_layer_recoveries"] = summarize([r["sum_of_single_layer_recoveries"] for r in included],
+                                                      clusters, **boot)
+    summary = {"n_total": len(included) + len(excluded) + len(controls), "n_gated": len(included) + len(excluded),
+               "n_included": len(included), "n_excluded": len(excluded), "n_controls": len(controls),
+               "n_layers": n_layers, "scenarios_included": sorted(set(clusters)),
+               "finding": None if included or not excluded else
+               "no gated pair passes the inclusion rule; per-pair sweeps are recorded but not aggregated"}
+    checks = [x for r in included + excluded + controls for x in r.get("full_recovery_check", [])]
+    sanity = {"full_splice_recovery_range": [min(checks), max(checks)] if checks else None,
+              "note": "layers <= last and layers >= 0 are the full-downstream splice: recovery 1 by construction"}
+    return {"instances": included, "excluded": excluded, "controls": controls, "aggregate": agg,
+            "sanity": sanity, "summary": summary}

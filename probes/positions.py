@@ -1,0 +1,102 @@
+"""P2 position sweep (paper_spec §3.2): the recovery of splicing each single position of [a, dpos), all layers.
+
+Every position is spliced (no "quick" every-second-position mode), in batches by the splice engine. Per pair the
+record keeps the candidate-token logits of every position's splice, so any readout can be re-derived, and the
+recovery vector; aggregates are the mean single-position recovery per region (not additive: single-position effects
+do not sum to the joint one, which the record shows by `sum_of_single_recoveries`), the region of each pair's
+strongest position, and the strongest single recovery.
+
+Regions are the pair's token regions from the rendered text (`AlignedPair.token_info()["regions"]`), restricted to
+[a, dpos).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvnotes.engine import Splice, SpliceEngine
+from kvnotes.stats import summarize
+from probes.common import end_states, exclusion_reasons, prefill_pair
+from probes.locality import _logits, choose_readouts, readout_key  # noqa: F401  (same readout policy)
+
+PAPER_REFS = ["P2", "§3.2"]
+
+
+def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = False) -> dict:
+    t0 = time.time()
+    token_ids = sorted(set(int(t) for t in token_ids))
+    stale, oracle, last = prefill_pair(lm.model, pair)
+    a, dpos = pair.span[0], pair.dpos
+    engine = SpliceEngine(lm.model, stale, oracle, last, chunk_size=batch_size)
+    rows = engine.run([Splice((p,)) for p in range(a, dpos)], tokens=token_ids)
+    return {"states": end_states(lm.model, stale, oracle, last, token_ids), "token_ids": token_ids,
+            "positions": list(range(a, dpos)), "rows": rows.tolist(), "seconds": round(time.time() - t0, 3)}
+
+
+def margins(raw, ro) -> torch.Tensor:
+    """Margin of every spliced row of `raw` under readout `ro`."""
+    idx = {t: i for i, t in enumerate(raw["token_ids"])}
+    rows = torch.tensor(raw["rows"], dtype=torch.float64)
+    return rows[:, idx[ro.safe_id]] - rows[:, idx[ro.unsafe_id]]
+
+
+def region_of(regions: dict, p: int) -> str:
+    for name, (lo, hi) in regions.items():
+        if lo <= p < hi:
+            return name
+    raise ValueError(f"position {p} lies in no region of {regions}")
+
+
+def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
+    included, excluded, controls = [], [], []
+    for inst in instances:
+        raw, ro = raws[inst.id], readouts[readout_key(inst)]
+        m = {s: ro.margin(_logits(raw, s)) for s in ("stale", "oracle")}
+        dec = {s: ro.decision(_logits(raw, s)) for s in ("stale", "oracle")}
+        delta = m["oracle"] - m["stale"]
+        rec = (margins(raw, ro) - m["stale"]) / delta if delta else None
+        regions = pairs_info[inst.id]["regions"]
+        row = {**inst.record_id(), "tokens": pairs_info[inst.id], "m_stale": m["stale"], "m_oracle": m["oracle"],
+               "delta_m": delta, "dec_stale": dec["stale"], "dec_oracle": dec["oracle"],
+               "positions": raw["positions"], "raw": {"token_ids": raw["token_ids"], "rows": raw["rows"]}}
+        if rec is not None:
+            top = int(torch.argmax(rec))
+            row.update({"recovery": rec.tolist(), "top_position": raw["positions"][top],
+                        "top_recovery": float(rec[top]), "top_region": region_of(regions, raw["positions"][top]),
+                        "sum_of_single_recoveries": float(rec.sum()),
+                        "region_recovery": {name: float(rec[[i for i, p in enumerate(raw["positions"])
+                                                             if lo <= p < hi]].mean())
+                                            for name, (lo, hi) in regions.items()
+                                            if any(lo <= p < hi for p in raw["positions"])}})
+        if inst.kind == "control":
+            controls.append(row)
+            continue
+        reasons = exclusion_reasons(inst, dec["stale"], dec["oracle"], delta, exclusion)
+        if reasons:
+            row["reasons"] = reasons
+            excluded.append(row)
+        else:
+            included.append(row)
+
+    boot = dict(n_boot=stats["n_boot"], alpha=stats["alpha"], seed=stats["seed"])
+    clusters = [r["scenario"] for r in included]
+    agg = {"top_recovery": summarize([r["top_recovery"] for r in included], clusters, **boot),
+           "sum_of_single_recoveries": summarize([r["sum_of_single_recoveries"] for r in included], clusters, **boot)}
+    names = sorted({n for r in included for n in r["region_recovery"]})
+    for name in names:
+        rows = [r for r in included if name in r["region_recovery"]]
+        agg[f"region_recovery/{name}"] = summarize([r["region_recovery"][name] for r in rows],
+                                                   [r["scenario"] for r in rows], **boot)
+    counts = {}
+    for r in included:
+        counts[r["top_region"]] = counts.get(r["top_region"], 0) + 1
+    agg["top_position_region_counts"] = counts
+    summary = {"n_total": len(included) + len(excluded) + len(controls), "n_gated": len(included) + len(excluded),
+               "n_included": len(included), "n_excluded": len(excluded), "n_controls": len(controls),
+               "scenarios_included": sorted(set(clusters)),
+               "finding": None if included or not excluded else
+               "no gated pair passes the inclusion rule; per-pair sweeps are recorded but not aggregated"}
+    return {"instances": included, "excluded": excluded, "controls": controls, "aggregate": agg,
+            "sanity": {"note": "single-position recoveries are not additive; see sum_of_single_recoveries"},
+            "summary": summary}
