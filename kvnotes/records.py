@@ -34,9 +34,10 @@ def git_state() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
     sha = run("rev-parse", "HEAD") or None
-    # records under results/ are outputs, not code: a run started while an earlier run's record is uncommitted is
-    # still a run of the committed code
-    dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")) if sha else None
+    # records under results/ and rendered figures are outputs, not code: a run started while an earlier run's
+    # outputs are uncommitted is still a run of the committed code
+    dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results",
+                     ":(exclude)figures/*.png", ":(exclude)figures/*.pdf")) if sha else None
     return {"git_sha": sha, "git_dirty": dirty}
 
 
