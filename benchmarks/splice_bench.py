@@ -18,7 +18,6 @@ The record goes to results/bench/<model>[-<dtype>].json.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -32,14 +31,11 @@ from kvnotes.engine import Splice, SpliceEngine  # noqa: E402
 from kvnotes.models import load_model  # noqa: E402
 from kvnotes.readout import candidate_logits, candidate_tokens, choose_readout  # noqa: E402
 from kvnotes.records import now_iso, provenance, write_json_atomic  # noqa: E402
+from run import peak_rss_gib  # noqa: E402
 from scenarios import make_instances  # noqa: E402
 from scenarios.render import align  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # ru_maxrss is KiB on Linux
 
 
 def flops_per_intervention(config, n_cached: int, n_readout: int) -> dict:

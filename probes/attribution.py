@@ -21,8 +21,7 @@ from kvnotes import kv
 from kvnotes.attribution import agreement, splice_attribution
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import end_states, exclusion_reasons, prefill_pair
-from probes.locality import _logits, choose_readouts, readout_key  # noqa: F401  (same readout policy)
+from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
 
 PAPER_REFS = ["§9.2 batching", "Step 2 attribution patching"]
 KS = (1, 4, 8, 16)
@@ -36,7 +35,6 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
     token_ids = sorted(set(int(t) for t in token_ids))
     stale, oracle, last = prefill_pair(model, pair)
     states = end_states(model, stale, oracle, last, token_ids)
-    ends = kv.decode(model, [stale], last)
     n_layers, kvh = len(stale.layers), stale.layers[0].keys.shape[1]
     positions = list(range(a, dpos))
     t = time.time()
@@ -51,7 +49,9 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
     atp = splice_attribution(model, stale, oracle, last, token_ids)
     atp_s = time.time() - t
     terms = atp["terms"][:, :, :, a:dpos]                       # [n_tok, n_layers, kvh, n_pos]
-    base = ends[0, token_ids]
+    # the stale decode again, alone: a batch of one, as the gradient pass runs it, so that base and AtP base point
+    # are the same computation (the batch-of-two decode in `states` differs from it by BLAS rounding, ~3e-8)
+    base = kv.decode(model, [stale], last)[0, token_ids]
     return {
         "states": states, "token_ids": token_ids, "positions": positions, "heads": heads,
         # logit changes relative to the unspliced stale decode, [n_tok][...] (token-major)
@@ -72,36 +72,24 @@ def _margin_rows(raw, ro, key) -> torch.Tensor:
 
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
     """Agreement of AtP with exact splicing per pair, aggregated over included gated pairs (clustered bootstrap)."""
-    included, excluded, controls = [], [], []
+    split = Split(exclusion)
     for inst in instances:
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
-        m = {s: ro.margin(_logits(raw, s)) for s in ("stale", "oracle")}
-        dec = {s: ro.decision(_logits(raw, s)) for s in ("stale", "oracle")}
-        delta = m["oracle"] - m["stale"]
+        row = pair_row(inst, pairs_info[inst.id], raw, ro)
+        delta = row["delta_m"]
         exact_pos, atp_pos = _margin_rows(raw, ro, "exact_pos_delta"), _margin_rows(raw, ro, "atp_pos_delta")
         exact_head, atp_head = _margin_rows(raw, ro, "exact_head_delta"), _margin_rows(raw, ro, "atp_head_delta")
-        row = {**inst.record_id(), "tokens": pairs_info[inst.id], "m_stale": m["stale"], "m_oracle": m["oracle"],
-               "delta_m": delta, "dec_stale": dec["stale"], "dec_oracle": dec["oracle"],
-               "positions": raw["positions"], "heads": raw["heads"],
+        row.update({"positions": raw["positions"], "heads": raw["heads"],
                "exact_pos_delta_m": exact_pos.tolist(), "atp_pos_delta_m": atp_pos.tolist(),
                "exact_head_delta_m": exact_head.tolist(), "atp_head_delta_m": atp_head.tolist(),
                "positions_agreement": agreement(atp_pos, exact_pos, KS),
                "heads_agreement": agreement(atp_head, exact_head, KS),
                "atp_sum_over_positions_recovery": float(atp_pos.sum()) / delta if delta else None,
                "atp_vs_decode_max_abs": raw["atp_vs_decode_max_abs"],
-               "exact_s": raw["exact_s"], "atp_s": raw["atp_s"]}
-        if inst.kind == "control":
-            controls.append(row)
-            continue
-        reasons = exclusion_reasons(inst, dec["stale"], dec["oracle"], delta, exclusion)
-        if reasons:
-            row["reasons"] = reasons
-            excluded.append(row)
-        else:
-            included.append(row)
+               "exact_s": raw["exact_s"], "atp_s": raw["atp_s"]})
+        split.add(inst, row)
 
-    boot = dict(n_boot=stats["n_boot"], alpha=stats["alpha"], seed=stats["seed"])
-    clusters = [r["scenario"] for r in included]
+    included, boot, clusters = split.included, boot_args(stats), split.clusters
     agg = {}
     for unit in ("positions", "heads"):
         keys = [k for k in (included[0][f"{unit}_agreement"] if included else {}) if k != "n"]
@@ -112,14 +100,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     agg["atp_sum_over_positions_recovery"] = summarize(
         [r["atp_sum_over_positions_recovery"] for r in included], clusters, **boot)
     agg["atp_speedup_over_exact"] = summarize([r["exact_s"] / r["atp_s"] for r in included], clusters, **boot)
-    all_rows = included + excluded + controls
-    finding = None
-    if excluded and not included:
-        finding = "no gated pair passes the inclusion rule; per-pair agreements are recorded but not aggregated"
-    summary = {"n_total": len(all_rows), "n_gated": len(included) + len(excluded), "n_included": len(included),
-               "n_excluded": len(excluded), "n_controls": len(controls),
-               "scenarios_included": sorted(set(clusters)), "finding": finding}
-    sanity = {"atp_vs_decode_max_abs": max((r["atp_vs_decode_max_abs"] for r in all_rows), default=None),
+    sanity = {"atp_vs_decode_max_abs": max((r["atp_vs_decode_max_abs"] for r in split.rows), default=None),
               "note": "the gradient pass's forward logits equal the decode logits (a check of the AtP base point)"}
-    return {"instances": included, "excluded": excluded, "controls": controls, "aggregate": agg,
-            "sanity": sanity, "summary": summary}
+    return {**split.parts(), "aggregate": agg, "sanity": sanity,
+            "summary": split.summary(split.unaggregated("agreements"))}

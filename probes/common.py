@@ -1,8 +1,9 @@
-"""What every KV probe shares: prefilling an aligned pair once, and the inclusion rule (paper_spec §9.3 item 5)."""
+"""What every KV probe shares: prefilling an aligned pair once, the readout policy, the inclusion rule (paper_spec
+§9.3 items 2 and 5), and splitting per-pair rows into included / excluded / controls."""
 from __future__ import annotations
 
 from kvnotes import kv
-from kvnotes.readout import candidate_logits
+from kvnotes.readout import candidate_logits, candidate_tokens, choose_readout
 
 
 def prefill_pair(model, pair):
@@ -37,3 +38,81 @@ def exclusion_reasons(inst, dec_stale: str, dec_oracle: str, delta_m: float, rul
     if abs(delta_m) < rule["min_abs_delta_m"]:
         reasons.append(f"|delta m| = {abs(delta_m):.3f} < tau = {rule['min_abs_delta_m']}")
     return reasons
+
+
+def readout_key(inst) -> tuple:
+    return (tuple(inst.candidates), inst.safe, inst.unsafe)
+
+
+def state_logits(raw, state) -> dict:
+    """{token id: logit} of one unspliced or spliced state of a measured pair."""
+    return {int(t): v for t, v in raw["states"][state]["logits"].items()}
+
+
+def choose_readouts(tokenizer, instances, raws) -> dict:
+    """One readout per group of instances sharing candidates and safe/unsafe words (a scenario, plus the controls
+    that use its actions), chosen on the unpatched stale and oracle states only."""
+    groups = {}
+    for inst in instances:
+        groups.setdefault(readout_key(inst), []).append(inst)
+    out = {}
+    for key, insts in groups.items():
+        cands = candidate_tokens(tokenizer, list(key[0]))
+        obs = [(state_logits(raws[i.id], s), raws[i.id]["states"][s]["lse"])
+               for i in insts for s in ("stale", "oracle")]
+        out[key] = choose_readout(cands, key[1], key[2], obs)
+    return out
+
+
+def pair_row(inst, tokens: dict, raw, ro) -> dict:
+    """The fields every probe's per-pair row starts with: identity, token layout, stale/oracle margins and decisions."""
+    m = {s: ro.margin(state_logits(raw, s)) for s in ("stale", "oracle")}
+    dec = {s: ro.decision(state_logits(raw, s)) for s in ("stale", "oracle")}
+    return {**inst.record_id(), "tokens": tokens, "m_stale": m["stale"], "m_oracle": m["oracle"],
+            "delta_m": m["oracle"] - m["stale"], "dec_stale": dec["stale"], "dec_oracle": dec["oracle"]}
+
+
+def boot_args(stats: dict) -> dict:
+    return {"n_boot": stats["n_boot"], "alpha": stats["alpha"], "seed": stats["seed"]}
+
+
+class Split:
+    """Per-pair rows sorted by the inclusion rule: controls apart, gated pairs included or excluded with reasons."""
+
+    def __init__(self, rule: dict):
+        self.rule = rule
+        self.included, self.excluded, self.controls = [], [], []
+
+    def add(self, inst, row: dict) -> None:
+        if inst.kind == "control":
+            self.controls.append(row)
+            return
+        reasons = exclusion_reasons(inst, row["dec_stale"], row["dec_oracle"], row["delta_m"], self.rule)
+        if reasons:
+            row["reasons"] = reasons
+            self.excluded.append(row)
+        else:
+            self.included.append(row)
+
+    @property
+    def clusters(self) -> list:
+        return [r["scenario"] for r in self.included]
+
+    @property
+    def rows(self) -> list:
+        return self.included + self.excluded + self.controls
+
+    def summary(self, finding: str | None = None, **extra) -> dict:
+        return {"n_total": len(self.rows), "n_gated": len(self.included) + len(self.excluded),
+                "n_included": len(self.included), "n_excluded": len(self.excluded),
+                "n_controls": len(self.controls), **extra, "scenarios_included": sorted(set(self.clusters)),
+                "finding": finding}
+
+    def unaggregated(self, what: str) -> str | None:
+        """The finding of a run where no gated pair counts (None otherwise)."""
+        if self.excluded and not self.included:
+            return f"no gated pair passes the inclusion rule; per-pair {what} are recorded but not aggregated"
+        return None
+
+    def parts(self) -> dict:
+        return {"instances": self.included, "excluded": self.excluded, "controls": self.controls}

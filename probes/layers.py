@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import end_states, exclusion_reasons, prefill_pair
-from probes.locality import _logits, choose_readouts, readout_key  # noqa: F401  (same readout policy)
+from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
 from probes.positions import margins
 
 PAPER_REFS = ["P3", "§3.3"]
@@ -44,36 +41,24 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
 
 
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
-    included, excluded, controls = [], [], []
+    split = Split(exclusion)
     n_layers = None
     for inst in instances:
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
         n_layers = raw["n_layers"]
-        m = {s: ro.margin(_logits(raw, s)) for s in ("stale", "oracle")}
-        dec = {s: ro.decision(_logits(raw, s)) for s in ("stale", "oracle")}
-        delta = m["oracle"] - m["stale"]
-        row = {**inst.record_id(), "tokens": pairs_info[inst.id], "m_stale": m["stale"], "m_oracle": m["oracle"],
-               "delta_m": delta, "dec_stale": dec["stale"], "dec_oracle": dec["oracle"],
-               "raw": {"token_ids": raw["token_ids"], "rows": raw["rows"]}}
+        row = pair_row(inst, pairs_info[inst.id], raw, ro)
+        row["raw"] = {"token_ids": raw["token_ids"], "rows": raw["rows"]}
+        delta = row["delta_m"]
         if delta:
-            rec = ((margins(raw, ro) - m["stale"]) / delta).view(len(KINDS), n_layers)
+            rec = ((margins(raw, ro) - row["m_stale"]) / delta).view(len(KINDS), n_layers)
             row.update({kind: rec[i].tolist() for i, kind in enumerate(KINDS)})
             members = {b: [li for li in range(n_layers) if band(li, n_layers) == b] for b in ("early", "mid", "late")}
             row["band_recovery"] = {b: float(rec[0][ls].mean()) for b, ls in members.items() if ls}
             row["sum_of_single_layer_recoveries"] = float(rec[0].sum())
             row["full_recovery_check"] = [float(rec[1][-1]), float(rec[2][0])]
-        if inst.kind == "control":
-            controls.append(row)
-            continue
-        reasons = exclusion_reasons(inst, dec["stale"], dec["oracle"], delta, exclusion)
-        if reasons:
-            row["reasons"] = reasons
-            excluded.append(row)
-        else:
-            included.append(row)
+        split.add(inst, row)
 
-    boot = dict(n_boot=stats["n_boot"], alpha=stats["alpha"], seed=stats["seed"])
-    clusters = [r["scenario"] for r in included]
+    included, boot, clusters = split.included, boot_args(stats), split.clusters
     agg = {}
     for b in ("early", "mid", "late"):
         if included and b in included[0]["band_recovery"]:       # a model with < 3 layers has empty bands
@@ -83,13 +68,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                                    for li in range(n_layers or 0)] if included else []
     agg["sum_of_single_layer_recoveries"] = summarize([r["sum_of_single_layer_recoveries"] for r in included],
                                                       clusters, **boot)
-    summary = {"n_total": len(included) + len(excluded) + len(controls), "n_gated": len(included) + len(excluded),
-               "n_included": len(included), "n_excluded": len(excluded), "n_controls": len(controls),
-               "n_layers": n_layers, "scenarios_included": sorted(set(clusters)),
-               "finding": None if included or not excluded else
-               "no gated pair passes the inclusion rule; per-pair sweeps are recorded but not aggregated"}
-    checks = [x for r in included + excluded + controls for x in r.get("full_recovery_check", [])]
+    checks = [x for r in split.rows for x in r.get("full_recovery_check", [])]
     sanity = {"full_splice_recovery_range": [min(checks), max(checks)] if checks else None,
               "note": "layers <= last and layers >= 0 are the full-downstream splice: recovery 1 by construction"}
-    return {"instances": included, "excluded": excluded, "controls": controls, "aggregate": agg,
-            "sanity": sanity, "summary": summary}
+    return {**split.parts(), "aggregate": agg, "sanity": sanity,
+            "summary": split.summary(split.unaggregated("sweeps"), n_layers=n_layers)}

@@ -16,9 +16,10 @@ from __future__ import annotations
 import time
 
 from kvnotes import kv
-from kvnotes.readout import Readout, candidate_logits, candidate_tokens, choose_readout
+from kvnotes.readout import Readout, candidate_logits
 from kvnotes.stats import summarize, summarize_proportion
-from probes.common import exclusion_reasons, prefill_pair
+from probes.common import Split, boot_args, choose_readouts, prefill_pair, readout_key  # noqa: F401 (run.py calls
+from probes.common import state_logits as _logits                                      # choose_readouts)
 
 PAPER_REFS = ["Fig3a", "P1"]
 
@@ -59,31 +60,9 @@ def measure(lm, pair, token_ids, batch_size: int = 16, check_decode: bool = Fals
     return out
 
 
-def readout_key(inst) -> tuple:
-    return (tuple(inst.candidates), inst.safe, inst.unsafe)
-
-
-def choose_readouts(tokenizer, instances, raws) -> dict:
-    """One readout per group of instances sharing candidates and safe/unsafe words (a scenario, plus the controls
-    that use its actions), chosen on the unpatched stale and oracle states only."""
-    groups = {}
-    for inst in instances:
-        groups.setdefault(readout_key(inst), []).append(inst)
-    out = {}
-    for key, insts in groups.items():
-        cands = candidate_tokens(tokenizer, list(key[0]))
-        obs = [(_logits(raws[i.id], s), raws[i.id]["states"][s]["lse"]) for i in insts for s in ("stale", "oracle")]
-        out[key] = choose_readout(cands, key[1], key[2], obs)
-    return out
-
-
-def _logits(raw, state) -> dict:
-    return {int(t): v for t, v in raw["states"][state]["logits"].items()}
-
-
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
     """Per-instance values, exclusions with reasons, controls, and aggregates with CIs (no model needed)."""
-    included, excluded, controls = [], [], []
+    split = Split(exclusion)
     for inst in instances:
         raw = raws[inst.id]
         ro: Readout = readouts[readout_key(inst)]
@@ -99,21 +78,15 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                "raw": raw["states"]}   # candidate-token logits + logsumexp per state: re-analysable without the model
         if "decode_vs_forward_max_abs" in raw:
             row["decode_vs_forward_max_abs"] = raw["decode_vs_forward_max_abs"]
-        if inst.kind == "control":
-            controls.append(row)
-            continue
-        for metric, s in RECOVERIES.items():
-            row[metric] = (m[s] - m["stale"]) / delta if delta != 0 else None
-        reasons = exclusion_reasons(inst, dec["stale"], dec["oracle"], delta, exclusion)
-        if reasons:
-            row["reasons"] = reasons
-            excluded.append(row)
-        else:
-            included.append(row)
+        if inst.kind != "control":
+            for metric, s in RECOVERIES.items():
+                row[metric] = (m[s] - m["stale"]) / delta if delta != 0 else None
+        split.add(inst, row)
 
+    included, excluded, controls = split.included, split.excluded, split.controls
     agg = {}
-    clusters = [r["scenario"] for r in included]
-    boot = dict(n_boot=stats["n_boot"], alpha=stats["alpha"], seed=stats["seed"])
+    clusters = split.clusters
+    boot = boot_args(stats)
     for metric in RECOVERIES:
         agg[metric] = summarize([r[metric] for r in included], clusters, **boot)
     for name, s in (("field_only_new_decision_rate", "field"), ("field_line_new_decision_rate", "field_line"),
@@ -136,13 +109,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                    f"recoveries are undefined here")
     else:
         finding = None
-    all_rows = included + excluded + controls
-    sanity = {"full_equals_oracle_max_abs": max((r["full_equals_oracle_max_abs"] for r in all_rows), default=None),
-              "decode_vs_forward_max_abs": max((r["decode_vs_forward_max_abs"] for r in all_rows
+    sanity = {"full_equals_oracle_max_abs": max((r["full_equals_oracle_max_abs"] for r in split.rows), default=None),
+              "decode_vs_forward_max_abs": max((r["decode_vs_forward_max_abs"] for r in split.rows
                                                 if "decode_vs_forward_max_abs" in r), default=None),
               "note": "full-downstream splice reproduces the oracle by construction; a check, not a finding"}
-    summary = {"n_total": len(all_rows), "n_gated": len(gated), "n_included": len(included),
-               "n_excluded": len(excluded), "n_controls": len(controls),
-               "scenarios_included": sorted(set(clusters)), "finding": finding}
-    return {"instances": included, "excluded": excluded, "controls": controls, "aggregate": agg,
-            "sanity": sanity, "summary": summary}
+    return {**split.parts(), "aggregate": agg, "sanity": sanity, "summary": split.summary(finding)}

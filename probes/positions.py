@@ -17,8 +17,7 @@ import torch
 
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import end_states, exclusion_reasons, prefill_pair
-from probes.locality import _logits, choose_readouts, readout_key  # noqa: F401  (same readout policy)
+from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
 
 PAPER_REFS = ["P2", "§3.2"]
 
@@ -49,17 +48,14 @@ def region_of(regions: dict, p: int) -> str:
 
 
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
-    included, excluded, controls = [], [], []
+    split = Split(exclusion)
     for inst in instances:
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
-        m = {s: ro.margin(_logits(raw, s)) for s in ("stale", "oracle")}
-        dec = {s: ro.decision(_logits(raw, s)) for s in ("stale", "oracle")}
-        delta = m["oracle"] - m["stale"]
-        rec = (margins(raw, ro) - m["stale"]) / delta if delta else None
+        row = pair_row(inst, pairs_info[inst.id], raw, ro)
+        delta = row["delta_m"]
+        rec = (margins(raw, ro) - row["m_stale"]) / delta if delta else None
         regions = pairs_info[inst.id]["regions"]
-        row = {**inst.record_id(), "tokens": pairs_info[inst.id], "m_stale": m["stale"], "m_oracle": m["oracle"],
-               "delta_m": delta, "dec_stale": dec["stale"], "dec_oracle": dec["oracle"],
-               "positions": raw["positions"], "raw": {"token_ids": raw["token_ids"], "rows": raw["rows"]}}
+        row.update({"positions": raw["positions"], "raw": {"token_ids": raw["token_ids"], "rows": raw["rows"]}})
         if rec is not None:
             top = int(torch.argmax(rec))
             row.update({"recovery": rec.tolist(), "top_position": raw["positions"][top],
@@ -69,18 +65,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                                                              if lo <= p < hi]].mean())
                                             for name, (lo, hi) in regions.items()
                                             if any(lo <= p < hi for p in raw["positions"])}})
-        if inst.kind == "control":
-            controls.append(row)
-            continue
-        reasons = exclusion_reasons(inst, dec["stale"], dec["oracle"], delta, exclusion)
-        if reasons:
-            row["reasons"] = reasons
-            excluded.append(row)
-        else:
-            included.append(row)
+        split.add(inst, row)
 
-    boot = dict(n_boot=stats["n_boot"], alpha=stats["alpha"], seed=stats["seed"])
-    clusters = [r["scenario"] for r in included]
+    included, boot, clusters = split.included, boot_args(stats), split.clusters
     agg = {"top_recovery": summarize([r["top_recovery"] for r in included], clusters, **boot),
            "sum_of_single_recoveries": summarize([r["sum_of_single_recoveries"] for r in included], clusters, **boot)}
     names = sorted({n for r in included for n in r["region_recovery"]})
@@ -92,11 +79,6 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     for r in included:
         counts[r["top_region"]] = counts.get(r["top_region"], 0) + 1
     agg["top_position_region_counts"] = counts
-    summary = {"n_total": len(included) + len(excluded) + len(controls), "n_gated": len(included) + len(excluded),
-               "n_included": len(included), "n_excluded": len(excluded), "n_controls": len(controls),
-               "scenarios_included": sorted(set(clusters)),
-               "finding": None if included or not excluded else
-               "no gated pair passes the inclusion rule; per-pair sweeps are recorded but not aggregated"}
-    return {"instances": included, "excluded": excluded, "controls": controls, "aggregate": agg,
+    return {**split.parts(), "aggregate": agg,
             "sanity": {"note": "single-position recoveries are not additive; see sum_of_single_recoveries"},
-            "summary": summary}
+            "summary": split.summary(split.unaggregated("sweeps"))}
