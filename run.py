@@ -28,6 +28,9 @@ from kvnotes.records import (SCHEMA_VERSION, Progress, config_hash, now_iso, pro
 from scenarios.render import align
 
 
+SECOND = "#pass2"   # progress key suffix of a probe's second pass
+
+
 def _abs(path) -> Path:
     p = Path(str(path)).expanduser()
     return p if p.is_absolute() else REPO_ROOT / p
@@ -61,20 +64,36 @@ def run(cfg: DictConfig) -> dict:
     volatile = {"make_figures", "cache_dir"}   # settings that cannot change a result
     progress = Progress(path, config_hash({k: v for k, v in conf.items() if k not in volatile}))
     if progress.done:
-        print(f"[kvnotes] resuming {path.name}: {len(progress.done)}/{len(pairs)} instances already measured")
+        n_done = sum(not k.endswith(SECOND) for k in progress.done)
+        print(f"[kvnotes] resuming {path.name}: {n_done}/{len(pairs)} instances already measured")
     cand_cache = {}
-    todo = [p for p in pairs if p.instance.id not in progress.done]
-    for k, pair in enumerate(tqdm(todo, desc=f"{cfg.probe.name} {cfg.model.name} {cfg.scenario.name}", unit="inst")):
+
+    def cand_ids(pair) -> list:
         cands = tuple(pair.instance.candidates)
         if cands not in cand_cache:
             cand_cache[cands] = [t for lst in candidate_tokens(lm.tokenizer, list(cands)).values() for _, t, _ in lst]
-        check = len(progress.done) < cfg.probe.check_decode_instances
-        raw = probe.measure(lm, pair, cand_cache[cands], batch_size=cfg.probe.batch_size, check_decode=check)
+        return cand_cache[cands]
+
+    todo = [p for p in pairs if p.instance.id not in progress.done]
+    for pair in tqdm(todo, desc=f"{cfg.probe.name} {cfg.model.name} {cfg.scenario.name}", unit="inst"):
+        check = sum(not k.endswith(SECOND) for k in progress.done) < cfg.probe.check_decode_instances
+        raw = probe.measure(lm, pair, cand_ids(pair), batch_size=cfg.probe.batch_size, check_decode=check)
         progress.add(pair.instance.id, raw)
 
-    raws = {k: dict(v) for k, v in progress.done.items()}
+    raws = {k: dict(v) for k, v in progress.done.items() if not k.endswith(SECOND)}
     seconds = {k: raws[k].pop("seconds", None) for k in raws}
     readouts = probe.choose_readouts(lm.tokenizer, instances, raws)
+    if hasattr(probe, "measure_second"):   # a pass that needs every pair's first pass and the readouts (e.g. rankings)
+        plans = probe.plan_second(instances, tokens, raws, readouts, conf["exclusion"], conf["probe"])
+        todo = [p for p in pairs if p.instance.id + SECOND not in progress.done]
+        for pair in tqdm(todo, desc=f"{cfg.probe.name} pass 2", unit="inst"):
+            raw2 = probe.measure_second(lm, pair, cand_ids(pair), plans[pair.instance.id],
+                                        batch_size=cfg.probe.batch_size)
+            progress.add(pair.instance.id + SECOND, raw2)
+        for iid in raws:
+            second = dict(progress.done[iid + SECOND])
+            seconds[iid] = (seconds[iid] or 0) + (second.pop("seconds", None) or 0)
+            raws[iid].update({"second": second, "plan": plans[iid]})
     analysis = probe.analyse(instances, tokens, raws, readouts, conf["exclusion"], conf["stats"])
     wall = time.time() - t0
     record = {

@@ -6,8 +6,9 @@ recovery vector; aggregates are the mean single-position recovery per region (no
 do not sum to the joint one, which the record shows by `sum_of_single_recoveries`), the region of each pair's
 strongest position, and the strongest single recovery.
 
-Regions are the pair's token regions from the rendered text (`AlignedPair.token_info()["regions"]`), restricted to
-[a, dpos).
+Regions are the pair's token regions from the rendered text, restricted to [a, dpos): coarse ones
+(`token_info()["regions"]`: field, downstream, ...) and fine labels read off the prompt's lines
+(`token_info()["labels"]`, scenarios/regions.py: gate, filler_rules, record, conversation, task, template, ...).
 """
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ def region_of(regions: dict, p: int) -> str:
     raise ValueError(f"position {p} lies in no region of {regions}")
 
 
+def label_means(rec: torch.Tensor, positions: list, labels: list) -> dict:
+    """Mean single-position recovery per fine label (over the positions carrying it)."""
+    groups = {}
+    for i, p in enumerate(positions):
+        groups.setdefault(labels[p], []).append(i)
+    return {name: float(rec[idx].mean()) for name, idx in sorted(groups.items())}
+
+
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
     split = Split(exclusion)
     for inst in instances:
@@ -64,7 +73,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                         "region_recovery": {name: float(rec[[i for i, p in enumerate(raw["positions"])
                                                              if lo <= p < hi]].mean())
                                             for name, (lo, hi) in regions.items()
-                                            if any(lo <= p < hi for p in raw["positions"])}})
+                                            if any(lo <= p < hi for p in raw["positions"])},
+                        "top_label": pairs_info[inst.id]["labels"][raw["positions"][top]],
+                        "label_recovery": label_means(rec, raw["positions"], pairs_info[inst.id]["labels"])})
         split.add(inst, row)
 
     included, boot, clusters = split.included, boot_args(stats), split.clusters
@@ -75,10 +86,15 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         rows = [r for r in included if name in r["region_recovery"]]
         agg[f"region_recovery/{name}"] = summarize([r["region_recovery"][name] for r in rows],
                                                    [r["scenario"] for r in rows], **boot)
-    counts = {}
-    for r in included:
-        counts[r["top_region"]] = counts.get(r["top_region"], 0) + 1
-    agg["top_position_region_counts"] = counts
+    for name in sorted({n for r in included for n in r["label_recovery"]}):
+        rows = [r for r in included if name in r["label_recovery"]]
+        agg[f"label_recovery/{name}"] = summarize([r["label_recovery"][name] for r in rows],
+                                                  [r["scenario"] for r in rows], **boot)
+    for key, field in (("top_position_region_counts", "top_region"), ("top_position_label_counts", "top_label")):
+        counts = {}
+        for r in included:
+            counts[r[field]] = counts.get(r[field], 0) + 1
+        agg[key] = counts
     return {**split.parts(), "aggregate": agg,
             "sanity": {"note": "single-position recoveries are not additive; see sum_of_single_recoveries"},
             "summary": split.summary(split.unaggregated("sweeps"))}

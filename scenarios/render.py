@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from scenarios.base import Instance
+from scenarios.regions import token_labels
 
 
 class AlignmentError(ValueError):
@@ -26,6 +27,7 @@ class AlignedPair:
     line_end: int              # one past the token that ends the field's line (its newline): [a, line_end) = field line
     text_old: str
     text_new: str
+    prepend_bos: bool = False
 
     @property
     def length(self) -> int:
@@ -44,7 +46,8 @@ class AlignedPair:
                 "line_tail": tokenizer.convert_ids_to_tokens(self.old_ids[b:self.line_end].tolist()),
                 "decision_token": tokenizer.convert_ids_to_tokens([int(self.old_ids[-1])])[0],
                 "regions": {"prefix": [0, a], "field": [a, b], "downstream": [b, self.dpos],
-                            "decision": [self.dpos, self.length]}}
+                            "decision": [self.dpos, self.length]},
+                "labels": token_labels(self, tokenizer, self.prepend_bos)}
 
 
 def render_text(messages, tokenizer, plain_prompt: dict | None = None, suffix: str = "") -> str:
@@ -110,4 +113,4 @@ def align(instance: Instance, tokenizer, prepend_bos: bool = False, plain_prompt
         if "\n" in tokenizer.convert_tokens_to_string([t]):
             line_end = b + i + 1
             break
-    return AlignedPair(instance, old, new, (a, b), line_end, text_old, text_new)
+    return AlignedPair(instance, old, new, (a, b), line_end, text_old, text_new, prepend_bos)

@@ -1,0 +1,254 @@
+"""P4/P5 top-k locality and suffix/prefix curves (paper_spec §3.4, §3.5, §3.12; Fig. 3b), with the controls the paper
+lacked (§8 W8, W9e).
+
+Two passes per pair (run.py calls `measure`, then, once every pair's first pass and the readouts exist,
+`plan_second` and `measure_second`):
+
+1. every single position of [a, dpos) spliced (as P2): the ranking's raw material;
+2. with the readout fixed, the joint splices:
+   * `topk_in`: the k downstream positions ([b, dpos): the notes, not the field) of highest single recovery on the
+     same pair (in-sample, the paper's ranking), k in KS; k >= n_down is the whole downstream (the downstream splice);
+   * `topk_cf`: the k positions ranked on *other scenarios'* included pairs (cross-fitted, leave-one-scenario-out).
+     Positions transfer by role: a position's key is (fine label, distance to the end of its label run), e.g.
+     ("task", 0) = the last token of the answer instruction; unseen keys fall back to the label's mean;
+   * `topk_field`: the paper's P4 set, ranked over [a, dpos) including the field;
+   * a matched random-k null for each k (default 200 draws): k downstream positions with the same fine-label mix as
+     the in-sample top-k set, drawn uniformly within each label; and an unmatched uniform null;
+   * `suffix` / `prefix`: the last / first max(1, round(f (dpos - a))) positions of [a, dpos).
+
+Nulls are drawn only for included pairs (the readout and inclusion rule are known at plan time), with a seeded
+generator per pair; duplicate draws are decoded once.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from kvnotes.engine import Splice, SpliceEngine
+from kvnotes.stats import summarize
+from probes.common import (Split, boot_args, choose_readouts, end_states, exclusion_reasons, pair_row,  # noqa: F401
+                           prefill_pair, readout_key, state_logits)
+from probes.positions import margins
+
+PAPER_REFS = ["P4", "P5", "§3.4", "§3.5", "§3.12", "Fig3b"]
+KS = (1, 2, 4, 8, 16, 32, 64, 128)
+FRACS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+# -- pass 1: every single position --------------------------------------------------------------------------------
+def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = False) -> dict:
+    t0 = time.time()
+    token_ids = sorted(set(int(t) for t in token_ids))
+    stale, oracle, last = prefill_pair(lm.model, pair)
+    engine = SpliceEngine(lm.model, stale, oracle, last, chunk_size=batch_size)
+    positions = list(range(pair.span[0], pair.dpos))
+    rows = engine.run([Splice((p,)) for p in positions], tokens=token_ids)
+    return {"states": end_states(lm.model, stale, oracle, last, token_ids), "token_ids": token_ids,
+            "positions": positions, "rows": rows.tolist(), "seconds": round(time.time() - t0, 3)}
+
+
+def single_recovery(raw, ro, delta_m: float, m_stale: float) -> torch.Tensor:
+    return (margins(raw, ro) - m_stale) / delta_m
+
+
+# -- planning pass 2 ------------------------------------------------------------------------------------------------
+def role_keys(labels: list, positions: list) -> list[tuple]:
+    """(label, distance to the end of the position's run of equal labels) for each position."""
+    keys = []
+    for p in positions:
+        e = p
+        while e + 1 < len(labels) and labels[e + 1] == labels[p]:
+            e += 1
+        keys.append((labels[p], e - p))
+    return keys
+
+
+def _cf_order(down: list, labels: list, scores: dict, label_scores: dict) -> list:
+    keys = role_keys(labels, down)
+    score = [scores.get(k, label_scores.get(k[0], 0.0)) for k in keys]
+    return [p for _, _, p in sorted(zip(score, [-p for p in down], down), reverse=True)]
+
+
+def _draws(rng: random.Random, down: list, labels: list, top: list, n: int, matched: bool) -> list[tuple]:
+    by_label = {}
+    for p in down:
+        by_label.setdefault(labels[p], []).append(p)
+    mix = {}
+    for p in top:
+        mix[labels[p]] = mix.get(labels[p], 0) + 1
+    out = []
+    for _ in range(n):
+        if matched:
+            s = [p for lab, c in sorted(mix.items()) for p in rng.sample(by_label[lab], c)]
+        else:
+            s = rng.sample(down, len(top))
+        out.append(tuple(sorted(s)))
+    return out
+
+
+def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, probe_cfg: dict) -> dict:
+    """Per pair, the position sets of pass 2 (JSON-able)."""
+    n_null = int(probe_cfg.get("n_null", 200))
+    n_uniform = int(probe_cfg.get("n_uniform_null", 100))
+    seed = int(probe_cfg.get("null_seed", 0))
+    single, include = {}, {}
+    for inst in instances:
+        raw, ro = raws[inst.id], readouts[readout_key(inst)]
+        m = {s: ro.margin(state_logits(raw, s)) for s in ("stale", "oracle")}
+        dm = m["oracle"] - m["stale"]
+        dec = {s: ro.decision(state_logits(raw, s)) for s in ("stale", "oracle")}
+        include[inst.id] = inst.kind == "gated" and not exclusion_reasons(inst, dec["stale"], dec["oracle"], dm,
+                                                                           exclusion)
+        single[inst.id] = single_recovery(raw, ro, dm, m["stale"]).tolist() if dm else None
+    # cross-fitting material: included pairs' downstream single recoveries, keyed by role
+    by_scenario = {}
+    for inst in instances:
+        if not include[inst.id]:
+            continue
+        info, raw = pairs_info[inst.id], raws[inst.id]
+        b = info["span"][1]
+        down = list(range(b, info["dpos"]))
+        rec = dict(zip(raw["positions"], single[inst.id]))
+        for key, p in zip(role_keys(info["labels"], down), down):
+            by_scenario.setdefault(inst.scenario, []).append((key, rec[p]))
+    plans = {}
+    for inst in instances:
+        info = pairs_info[inst.id]
+        a, b, dpos, labels = info["span"][0], info["span"][1], info["dpos"], info["labels"]
+        down = list(range(b, dpos))
+        n_down, span_len = len(down), dpos - a
+        plan = {"included_at_plan": include[inst.id], "n_down": n_down, "ks": list(KS),
+                "suffix": {str(f): list(range(dpos - max(1, round(f * span_len)), dpos)) for f in FRACS},
+                "prefix": {str(f): list(range(a, a + max(1, round(f * span_len)))) for f in FRACS}}
+        if single[inst.id] is not None:
+            rec = dict(zip(raws[inst.id]["positions"], single[inst.id]))
+            order_in = sorted(down, key=lambda p: (-rec[p], -p))
+            order_field = sorted(range(a, dpos), key=lambda p: (-rec[p], -p))
+            plan["topk_in"] = {str(k): sorted(order_in[:k]) for k in plan["ks"]}
+            plan["topk_field"] = {str(k): sorted(order_field[:k]) for k in KS}
+            others = [kv for s, lst in by_scenario.items() if s != inst.scenario for kv in lst]
+            if others:
+                sums, lab = {}, {}
+                for key, v in others:
+                    sums.setdefault(key, []).append(v)
+                    lab.setdefault(key[0], []).append(v)
+                scores = {k: sum(v) / len(v) for k, v in sums.items()}
+                label_scores = {k: sum(v) / len(v) for k, v in lab.items()}
+                order_cf = _cf_order(down, labels, scores, label_scores)
+                plan["topk_cf"] = {str(k): sorted(order_cf[:k]) for k in plan["ks"]}
+                plan["cf_scenarios"] = sorted({s for s in by_scenario if s != inst.scenario})
+            if include[inst.id]:
+                rng = random.Random(f"topk-null:{seed}:{inst.id}")
+                # k >= n_down: the only draw is the whole downstream (the null meets the curve there)
+                plan["null_matched"] = {str(k): [list(d) for d in _draws(rng, down, labels, order_in[:k],
+                                                                         n_null if k < n_down else 1, True)]
+                                        for k in KS}
+                plan["null_uniform"] = {str(k): [list(d) for d in _draws(rng, down, labels, order_in[:k],
+                                                                         n_uniform if k < n_down else 1, False)]
+                                        for k in KS}
+        plans[inst.id] = plan
+    return plans
+
+
+# -- pass 2 -----------------------------------------------------------------------------------------------------------
+SET_KINDS = ("topk_in", "topk_cf", "topk_field", "suffix", "prefix")
+
+
+def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 400) -> dict:
+    """Candidate-token logits of every planned set (unique sets decoded once)."""
+    t0 = time.time()
+    token_ids = sorted(set(int(t) for t in token_ids))
+    stale, oracle, last = prefill_pair(lm.model, pair)
+    sets = []
+    for kind in SET_KINDS:
+        sets += [tuple(s) for s in plan.get(kind, {}).values()]
+    for kind in ("null_matched", "null_uniform"):
+        sets += [tuple(d) for draws in plan.get(kind, {}).values() for d in draws]
+    unique = sorted(set(sets))
+    engine = SpliceEngine(lm.model, stale, oracle, last, chunk_size=batch_size)
+    rows = engine.run([Splice(s) for s in unique], tokens=token_ids)
+    return {"token_ids": token_ids, "sets": [list(s) for s in unique], "rows": rows.tolist(),
+            "n_splices": len(unique), "n_requested": len(sets), "seconds": round(time.time() - t0, 3)}
+
+
+# -- analysis ---------------------------------------------------------------------------------------------------------
+def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
+    split = Split(exclusion)
+    for inst in instances:
+        raw, ro = raws[inst.id], readouts[readout_key(inst)]
+        row = pair_row(inst, pairs_info[inst.id], raw, ro)
+        second, plan = raw["second"], raw["plan"]
+        row["plan"] = {k: v for k, v in plan.items() if not k.startswith("null_")}
+        dm = row["delta_m"]
+        if dm:
+            rec = (margins(second, ro) - row["m_stale"]) / dm
+            of = {tuple(s): float(r) for s, r in zip(second["sets"], rec)}
+            single = single_recovery(raw, ro, dm, row["m_stale"])
+            row["single"] = dict(zip(map(str, raw["positions"]), single.tolist()))
+            for kind in SET_KINDS:
+                if kind in plan:
+                    row[kind] = {k: of[tuple(s)] for k, s in plan[kind].items()}
+            for kind in ("null_matched", "null_uniform"):
+                if kind in plan:
+                    row[kind] = {k: [of[tuple(d)] for d in draws] for k, draws in plan[kind].items()}
+            if "topk_cf" in plan:
+                row["jaccard_in_cf"] = {str(k): _jaccard(plan["topk_in"][str(k)], plan["topk_cf"][str(k)])
+                                        for k in plan["ks"]}
+        split.add(inst, row)
+
+    included, boot = split.included, boot_args(stats)
+    agg = {}
+
+    def curve(kind: str, keys: list) -> dict:
+        out = {}
+        for k in keys:
+            rows = [r for r in included if k in r.get(kind, {})]
+            if rows:
+                out[k] = summarize([r[kind][k] for r in rows], [r["scenario"] for r in rows], **boot)
+        return out
+
+    k_keys = [str(k) for k in KS]
+    agg["topk_in"] = curve("topk_in", k_keys)
+    agg["topk_cf"] = curve("topk_cf", k_keys)
+    agg["topk_field"] = curve("topk_field", k_keys)
+    agg["suffix"] = curve("suffix", [str(f) for f in FRACS])
+    agg["prefix"] = curve("prefix", [str(f) for f in FRACS])
+    agg["n_down"] = summarize([r["plan"]["n_down"] for r in included], split.clusters, **boot)
+    for kind in ("null_matched", "null_uniform"):
+        agg[kind] = {k: _null_band(included, kind, k, stats) for k in k_keys
+                     if any(k in r.get(kind, {}) for r in included)}
+    agg["jaccard_in_cf"] = {k: summarize([r["jaccard_in_cf"][k] for r in included if k in r.get("jaccard_in_cf", {})],
+                                         [r["scenario"] for r in included if k in r.get("jaccard_in_cf", {})], **boot)
+                            for k in k_keys if any(k in r.get("jaccard_in_cf", {}) for r in included)}
+    sanity = {"note": "topk_in at k >= n_down is the downstream splice ([b, dpos)); suffix/prefix at f = 1 are the "
+                      "full splice (recovery 1 by construction)",
+              "full_splice_recovery": [r["suffix"]["1.0"] for r in split.rows if "suffix" in r]}
+    return {**split.parts(), "aggregate": agg, "sanity": sanity,
+            "summary": split.summary(split.unaggregated("curves"), ks=list(KS), fracs=list(FRACS))}
+
+
+def _jaccard(x, y) -> float:
+    x, y = set(x), set(y)
+    return len(x & y) / len(x | y) if x | y else 1.0
+
+
+def _null_band(included: list, kind: str, k: str, stats: dict) -> dict:
+    """The null of the across-pair mean: draw j's mean over the pairs that have draws at k, its 2.5/50/97.5 %
+    quantiles, and the one-sided p-values of the observed in-sample and cross-fitted means against it."""
+    rows = [r for r in included if k in r.get(kind, {})]
+    width = max(len(r[kind][k]) for r in rows)     # a pair with k >= n_down has one forced draw: broadcast it
+    draws = torch.tensor([r[kind][k] * (width // len(r[kind][k])) for r in rows], dtype=torch.float64)
+    means = draws.mean(0)
+    alpha = stats["alpha"]
+    q = torch.quantile(means, torch.tensor([alpha / 2, 0.5, 1 - alpha / 2], dtype=torch.float64)).tolist()
+    out = {"n": len(rows), "n_draws": int(draws.shape[1]), "mean": float(means.mean()), "lo": q[0], "median": q[1],
+           "hi": q[2], "per_pair_mean": draws.mean(1).tolist()}
+    for kind_obs in ("topk_in", "topk_cf"):
+        obs = [r[kind_obs][k] for r in rows if k in r.get(kind_obs, {})]
+        if len(obs) == len(rows):
+            m = sum(obs) / len(obs)
+            out[f"{kind_obs}_mean"] = m
+            out[f"p_{kind_obs}_ge_null"] = float(((means >= m).sum() + 1) / (len(means) + 1))
+    return out
