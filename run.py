@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers can be imported: nothing touches the network
 
 import importlib
+import inspect
 import random
 import resource
 import time
@@ -75,9 +76,12 @@ def run(cfg: DictConfig) -> dict:
         return cand_cache[cands]
 
     todo = [p for p in pairs if p.instance.id not in progress.done]
+    # probe options (configs/probe/<name>.yaml) that the probe's measure() takes by name, e.g. knockout's n_random
+    accepted = inspect.signature(probe.measure).parameters
+    options = {k: v for k, v in conf["probe"].items() if k in accepted and k not in ("batch_size", "check_decode")}
     for pair in tqdm(todo, desc=f"{cfg.probe.name} {cfg.model.name} {cfg.scenario.name}", unit="inst"):
         check = sum(not k.endswith(SECOND) for k in progress.done) < cfg.probe.check_decode_instances
-        raw = probe.measure(lm, pair, cand_ids(pair), batch_size=cfg.probe.batch_size, check_decode=check)
+        raw = probe.measure(lm, pair, cand_ids(pair), batch_size=cfg.probe.batch_size, check_decode=check, **options)
         progress.add(pair.instance.id, raw)
 
     raws = {k: dict(v) for k, v in progress.done.items() if not k.endswith(SECOND)}

@@ -14,6 +14,11 @@ once and each intervention is only its edits:
 
 The semantics are exactly those of `kv.splice` + `kv.decode` (frozen cache, nothing recomputed); the tests check
 equality on mixed batches, and `kv.frozen_forward` (the TransformerLens-style full forward with frozen K/V) agrees.
+
+Knockouts (`Splice(positions, layers, which="mask")`) remove positions from the decode query's softmax in the given
+layers (score -inf after any softcap, so the rest renormalises), the paper's attention knockout. With
+`attention_groups`, `run` also reports how each intervention moved the decode query's attention (mass per position
+group, entropy and KL to the unedited row, per layer and head): what a knockout or splice does to the pattern.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ ATTN_NAME = "kvnotes_splice"
 @dataclass(frozen=True)
 class Splice:
     """One intervention: K and/or V at `positions` (absolute) in `layers` (None = all) and `kv_heads` (None = all)
-    come from the source cache named `source`."""
+    come from the source cache named `source`; or, with `which="mask"`, those positions are knocked out of the
+    decode query's attention there."""
     positions: tuple[int, ...]
     layers: tuple[int, ...] | None = None
     which: str = "KV"
@@ -38,8 +44,8 @@ class Splice:
     source: str = "source"
 
     def __post_init__(self):
-        if self.which not in kv.WHICH:
-            raise ValueError(f"Splice.which must be one of {kv.WHICH}, got {self.which!r}")
+        if self.which not in kv.WHICH + ("mask",):
+            raise ValueError(f"Splice.which must be one of {kv.WHICH + ('mask',)}, got {self.which!r}")
         object.__setattr__(self, "positions", tuple(sorted({int(p) for p in self.positions})))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
@@ -53,13 +59,16 @@ class _LayerEdits:
     pos: torch.Tensor        # [E] index into the layer's stored K/V
     keys: torch.Tensor | None    # [E, kvh, d] new keys (None: no key edited in this layer)
     values: torch.Tensor | None  # [E, kvh, d] new values minus base values (None: no value edited)
+    mask: tuple | None = None    # (batch [M], pos [M], heads [M, kvh] bool): scores knocked out to -inf
 
 
 class _Context:
     """What the attention kernel needs for the current batched forward (set only inside `SpliceEngine._forward`)."""
 
-    def __init__(self, keys, values, offsets, query_pos, edits):
+    def __init__(self, keys, values, offsets, query_pos, edits, groups=None):
         self.keys, self.values, self.offsets, self.query_pos, self.edits = keys, values, offsets, query_pos, edits
+        self.groups = groups          # per layer [Lc + 1, G] one-hot position groups, or None: no attention log
+        self.attention = {}           # layer -> (mass [B, H, G], entropy [B, H], kl to row 0 [B, H])
 
 
 _ACTIVE: list[_Context] = []
@@ -89,12 +98,19 @@ def _splice_attention(module, query, key, value, attention_mask, scaling, dropou
         scores4.permute(1, 3, 0, 2)[ed.batch, ed.pos] = new
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+        scores4 = scores.view(kvh, bsz, g, n_ext)
     if sliding_window is not None:
         # the query at position Q sees keys at positions > Q - window (as transformers' sliding mask)
         first = ctx.query_pos - int(sliding_window) + 1 - ctx.offsets[li]
         if first > 0:
             scores[..., :first] = float("-inf")
+    if ed is not None and ed.mask is not None:
+        m_batch, m_pos, m_heads = ed.mask
+        view = scores4.permute(1, 3, 0, 2)                             # [B, Lc + 1, kvh, g]
+        view[m_batch, m_pos] = view[m_batch, m_pos].masked_fill(m_heads.unsqueeze(-1), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)    # [kvh, B * g, Lc + 1]
+    if ctx.groups is not None:
+        _log_attention(ctx, li, probs.view(kvh, bsz, g, n_ext))
     out = torch.matmul(probs, ext_v).view(kvh, bsz, g, d)           # the zero row adds nothing ...
     probs = probs.view(kvh, bsz, g, n_ext)
     out = out + probs[..., n_stored:] * value.view(bsz, kvh, 1, d).transpose(0, 1)   # ... the token's own value
@@ -102,6 +118,15 @@ def _splice_attention(module, query, key, value, attention_mask, scaling, dropou
         p_e = probs.permute(1, 3, 0, 2)[ed.batch, ed.pos]           # [E, kvh, g]
         out = out.transpose(0, 1).index_add(0, ed.batch, p_e.unsqueeze(-1) * ed.values.unsqueeze(2)).transpose(0, 1)
     return out.transpose(0, 1).reshape(bsz, 1, n_heads, d), None
+
+
+def _log_attention(ctx, li: int, probs: torch.Tensor) -> None:
+    """Mass per position group, entropy, and KL(row || row 0) of each row's decode-query attention, per head."""
+    p = probs.float().permute(1, 0, 2, 3).reshape(probs.shape[1], -1, probs.shape[3])   # [B, H, Lc + 1]
+    logp = torch.log(p.clamp_min(1e-30))
+    ent = -(p * logp).sum(-1)
+    kl = (p * (logp - logp[:1])).sum(-1)
+    ctx.attention[li] = (p @ ctx.groups[li], ent, kl)
 
 
 def _register():
@@ -172,11 +197,12 @@ class SpliceEngine:
         v_flag = torch.tensor([("V" in sp.which) for sp in splices], dtype=torch.bool)
         src_id = torch.empty(n, dtype=torch.long)
         names = list(self.sources)
-        flat_s, flat_p = [], []
+        flat_s, flat_p = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
+        mask_s, mask_p = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
         for i, sp in enumerate(splices):
-            if sp.source not in self.sources:
+            if sp.which != "mask" and sp.positions and sp.source not in self.sources:
                 raise KeyError(f"unknown splice source {sp.source!r}; the engine has {sorted(self.sources)}")
-            src_id[i] = names.index(sp.source)
+            src_id[i] = names.index(sp.source) if sp.source in self.sources else -1
             if sp.positions and (sp.positions[0] < 0 or sp.positions[-1] >= self.length):
                 raise IndexError(f"splice positions must lie in [0, {self.length}), got {list(sp.positions)}")
             if sp.layers is None:
@@ -190,16 +216,23 @@ class SpliceEngine:
                     raise IndexError(f"kv_heads {list(sp.kv_heads)} out of range ({self.n_kv_heads} KV heads)")
                 head_mask[i] = False
                 head_mask[i, list(sp.kv_heads)] = True
-            flat_s.append(torch.full((len(sp.positions),), i, dtype=torch.long))
-            flat_p.append(torch.as_tensor(sp.positions, dtype=torch.long))
+            (mask_s if sp.which == "mask" else flat_s).append(torch.full((len(sp.positions),), i, dtype=torch.long))
+            (mask_p if sp.which == "mask" else flat_p).append(torch.as_tensor(sp.positions, dtype=torch.long))
         flat_s, flat_p = torch.cat(flat_s), torch.cat(flat_p)
+        mask_s, mask_p = torch.cat(mask_s), torch.cat(mask_p)
         first = torch.full((n,), self.n_layers, dtype=torch.long)     # n_layers = never edited
         out: list[_LayerEdits | None] = []
         for li in range(self.n_layers):
-            sel = layer_mask[flat_s, li] & (flat_p >= self.offsets[li])   # outside a sliding window: invisible
+            sel = layer_mask[mask_s, li] & (mask_p >= self.offsets[li])   # outside a sliding window: invisible
+            mask = None
+            if sel.any():
+                m_s = mask_s[sel]
+                mask = (m_s, mask_p[sel] - self.offsets[li], head_mask[m_s])
+                first[m_s] = torch.minimum(first[m_s], torch.tensor(li))
+            sel = layer_mask[flat_s, li] & (flat_p >= self.offsets[li])
             s_idx, pos = flat_s[sel], flat_p[sel] - self.offsets[li]
             if len(s_idx) == 0:
-                out.append(None)
+                out.append(_LayerEdits(s_idx, pos, None, None, mask) if mask is not None else None)
                 continue
             base_k = self.keys[li][:, pos].transpose(0, 1)              # [E, kvh, d]
             base_v = self.values[li][:, pos].transpose(0, 1)
@@ -218,16 +251,16 @@ class SpliceEngine:
             v_changed = (new_v != base_v).flatten(1).any(1)
             keep = k_changed | v_changed
             if not keep.any():
-                out.append(None)
+                out.append(_LayerEdits(s_idx[:0], pos[:0], None, None, mask) if mask is not None else None)
                 continue
             s_idx, pos = s_idx[keep], pos[keep]
             first[s_idx] = torch.minimum(first[s_idx], torch.tensor(li))
             out.append(_LayerEdits(s_idx, pos, new_k[keep] if k_changed.any() else None,
-                                   (new_v - base_v)[keep] if v_changed.any() else None))
+                                   (new_v - base_v)[keep] if v_changed.any() else None, mask))
         return out, first
 
     # -- the batched decode step ----------------------------------------------------------------------------------
-    def _forward(self, splices: Sequence[Splice], tokens) -> torch.Tensor:
+    def _forward(self, splices: Sequence[Splice], tokens, groups=None):
         """Row 0 of the batch is the unedited base; splice rows join it at their first edited layer (copies of the
         base row's hidden state there), so layers before a splice's first real edit are computed once, not B times.
         Splices with no real edit at all return the base row's logits."""
@@ -242,6 +275,8 @@ class SpliceEngine:
         for li, ed in enumerate(edits):
             if ed is not None:
                 ed.batch = row_of[ed.batch]
+                if ed.mask is not None:
+                    ed.mask = (row_of[ed.mask[0]], *ed.mask[1:])
 
         def join(li):
             def hook(module, args, kwargs):
@@ -255,7 +290,7 @@ class SpliceEngine:
 
         handles = [layer.register_forward_pre_hook(join(li), with_kwargs=True)
                    for li, layer in enumerate(self.decoder.layers[:self.n_layers]) if joiners[li]]
-        ctx = _Context(self.keys, self.values, self.offsets, self.length, edits)
+        ctx = _Context(self.keys, self.values, self.offsets, self.length, edits, groups)
         ids = torch.full((1, 1), self.last_token, dtype=torch.long)
         position_ids = torch.full((1, 1), self.length, dtype=torch.long)
         _ACTIVE.append(ctx)
@@ -266,20 +301,59 @@ class SpliceEngine:
             _ACTIVE.pop()
             for h in handles:
                 h.remove()
-        return unembed(self.model, hidden[:, -1], tokens)[row_of]
+        logits = unembed(self.model, hidden[:, -1], tokens)[row_of]
+        if groups is None:
+            return logits, None
+        # a row that joined at layer j ran no layer before j: there its attention is the base row's (row 0)
+        attn = []
+        for li in range(self.n_layers):
+            mass, ent, kl = ctx.attention[li]
+            rows = torch.where(row_of < mass.shape[0], row_of, torch.zeros_like(row_of))
+            attn.append((mass[rows], ent[rows], kl[rows]))
+        return logits, {name: torch.stack([a[j] for a in attn], 1) for j, name in enumerate(("mass", "entropy", "kl"))}
+
+    def _groups(self, attention_groups: Mapping[str, Sequence[int]]) -> list[torch.Tensor]:
+        """Per layer, the one-hot `[Lc + 1, G]` map of stored positions (and the decode token's own slot, group
+        "self") to groups; positions in no group and outside a sliding window count nowhere."""
+        names = list(attention_groups)
+        out = []
+        for li in range(self.n_layers):
+            n_ext = self.keys[li].shape[1]
+            m = torch.zeros(n_ext, len(names) + 1)
+            for j, name in enumerate(names):
+                idx = torch.as_tensor([p - self.offsets[li] for p in attention_groups[name]
+                                       if p >= self.offsets[li]], dtype=torch.long)
+                if len(idx) and (idx.max() >= n_ext - 1):
+                    raise IndexError(f"attention group {name!r} has positions outside the cache [0, {self.length})")
+                m[idx, j] = 1.0
+            m[n_ext - 1, len(names)] = 1.0
+            out.append(m)
+        return out
 
     @torch.inference_mode()
-    def run(self, splices: Sequence[Splice], tokens=None, progress=None) -> torch.Tensor:
-        """fp32 logits `[len(splices), len(tokens) or vocab]`, one row per splice, in order."""
-        outs = []
+    def run(self, splices: Sequence[Splice], tokens=None, progress=None, attention_groups=None):
+        """fp32 logits `[len(splices), len(tokens) or vocab]`, one row per splice, in order.
+
+        With `attention_groups` ({name: positions}), returns `(logits, attention)`: the decode query's attention
+        per splice, layer and query head: `mass` `[n, layers, heads, G + 1]` (the groups in order, then the token's
+        own slot "self"), `entropy` `[n, layers, heads]` and `kl` (KL(splice || unedited base) `[n, layers, heads]`).
+        """
+        groups = self._groups(attention_groups) if attention_groups is not None else None
+        outs, attns = [], []
         for i in range(0, len(splices), self.chunk_size):
-            outs.append(self._forward(splices[i:i + self.chunk_size], tokens).float())
+            logits, attn = self._forward(splices[i:i + self.chunk_size], tokens, groups)
+            outs.append(logits.float())
+            attns.append(attn)
             if progress is not None:
                 progress.update(len(splices[i:i + self.chunk_size]))
         if not outs:
             n = len(tokens) if tokens is not None else self.model.get_output_embeddings().weight.shape[0]
-            return torch.empty(0, n)
-        return torch.cat(outs)
+            logits = torch.empty(0, n)
+            return (logits, None) if groups is not None else logits
+        logits = torch.cat(outs)
+        if groups is None:
+            return logits
+        return logits, {k: torch.cat([a[k] for a in attns]) for k in attns[0]}
 
 
 def unembed(model, hidden: torch.Tensor, tokens=None) -> torch.Tensor:

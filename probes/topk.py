@@ -28,8 +28,8 @@ import torch
 
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import (Split, boot_args, choose_readouts, end_states, exclusion_reasons, pair_row,  # noqa: F401
-                           prefill_pair, readout_key, state_logits)
+from probes.common import (Split, boot_args, choose_readouts, end_states, exclusion_reasons, null_band,  # noqa: F401
+                           pair_row, prefill_pair, readout_key, state_logits)
 from probes.positions import margins
 
 PAPER_REFS = ["P4", "P5", "§3.4", "§3.5", "§3.12", "Fig3b"]
@@ -217,8 +217,13 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     agg["prefix"] = curve("prefix", [str(f) for f in FRACS])
     agg["n_down"] = summarize([r["plan"]["n_down"] for r in included], split.clusters, **boot)
     for kind in ("null_matched", "null_uniform"):
-        agg[kind] = {k: _null_band(included, kind, k, stats) for k in k_keys
-                     if any(k in r.get(kind, {}) for r in included)}
+        agg[kind] = {}
+        for k in k_keys:
+            rows = [r for r in included if k in r.get(kind, {})]
+            if rows:
+                agg[kind][k] = null_band([r[kind][k] for r in rows],
+                                         {o: [r[o][k] for r in rows] for o in ("topk_in", "topk_cf")
+                                          if all(k in r.get(o, {}) for r in rows)}, stats["alpha"])
     agg["jaccard_in_cf"] = {k: summarize([r["jaccard_in_cf"][k] for r in included if k in r.get("jaccard_in_cf", {})],
                                          [r["scenario"] for r in included if k in r.get("jaccard_in_cf", {})], **boot)
                             for k in k_keys if any(k in r.get("jaccard_in_cf", {}) for r in included)}
@@ -232,23 +237,3 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
 def _jaccard(x, y) -> float:
     x, y = set(x), set(y)
     return len(x & y) / len(x | y) if x | y else 1.0
-
-
-def _null_band(included: list, kind: str, k: str, stats: dict) -> dict:
-    """The null of the across-pair mean: draw j's mean over the pairs that have draws at k, its 2.5/50/97.5 %
-    quantiles, and the one-sided p-values of the observed in-sample and cross-fitted means against it."""
-    rows = [r for r in included if k in r.get(kind, {})]
-    width = max(len(r[kind][k]) for r in rows)     # a pair with k >= n_down has one forced draw: broadcast it
-    draws = torch.tensor([r[kind][k] * (width // len(r[kind][k])) for r in rows], dtype=torch.float64)
-    means = draws.mean(0)
-    alpha = stats["alpha"]
-    q = torch.quantile(means, torch.tensor([alpha / 2, 0.5, 1 - alpha / 2], dtype=torch.float64)).tolist()
-    out = {"n": len(rows), "n_draws": int(draws.shape[1]), "mean": float(means.mean()), "lo": q[0], "median": q[1],
-           "hi": q[2], "per_pair_mean": draws.mean(1).tolist()}
-    for kind_obs in ("topk_in", "topk_cf"):
-        obs = [r[kind_obs][k] for r in rows if k in r.get(kind_obs, {})]
-        if len(obs) == len(rows):
-            m = sum(obs) / len(obs)
-            out[f"{kind_obs}_mean"] = m
-            out[f"p_{kind_obs}_ge_null"] = float(((means >= m).sum() + 1) / (len(means) + 1))
-    return out

@@ -1,7 +1,7 @@
 """Gated-decision scenario families: old/new prompt pairs that differ in one field value (see scenarios.base)."""
-from scenarios import diverse, family_a
+from scenarios import diverse, dose, family_a
 
-FAMILIES = {"diverse": diverse.make_instances, "family_a": family_a.make_instances}
+FAMILIES = {"diverse": diverse.make_instances, "diverse_dose": dose.make_instances, "family_a": family_a.make_instances}
 
 
 def make_instances(family: str, **params):

@@ -154,3 +154,15 @@ def case(get_pair):
             _CASES[key] = Case(lm, name, get_pair)
         return _CASES[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_by_name():
+    """tiny_by_name(name) -> the LoadedModel of one tiny architecture (memoised by load_model's callers here)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(name)
+        return cache[name]
+    return get
