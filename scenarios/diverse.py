@@ -12,6 +12,7 @@ same number of tokens in both arms for the registry's tokenizers (alignment is s
 from __future__ import annotations
 
 import random
+import re
 
 from scenarios.base import Instance
 
@@ -97,6 +98,31 @@ NEUTRAL_RULES = (
     "Use the customer's first name when greeting them.",
 )
 CONTROL_FIELD = ("channel", "web", "phone")   # a field no rule mentions: changing it should not move the decision
+POLARITIES = ("normal", "inverted", "mixed")
+
+
+def polarity_of(polarity: str, k: int) -> str:
+    """The rule polarity of gated instance k: "mixed" inverts when (k // 2) % 2 == 1, so that with the flip direction
+    alternating on k % 2, every (value, polarity) cell occurs in each domain once n_instances >= 3."""
+    if polarity == "mixed":
+        return "inverted" if (k // 2) % 2 == 1 else "normal"
+    return polarity
+
+
+def rule_text(domain: str, polarity: str = "normal") -> str:
+    """The domain's gate rule; "inverted" swaps the allowed and disallowed values (whole words only, so "no" does not
+    touch "not"). A rule naming only the allowed value ("only if X is A; anything else: deny") becomes "only if X is
+    B; anything else: deny", which is still the correct inverted rule."""
+    agent, header, field, allowed, disallowed, allow, rule, requests = DOMAINS[domain]
+    if polarity == "normal":
+        return rule
+    if polarity != "inverted":
+        raise ValueError(f"an instance's polarity must be 'normal' or 'inverted', got {polarity!r}")
+    pat = re.compile(rf"\b({re.escape(allowed)}|{re.escape(disallowed)})\b")
+    if not pat.search(rule):
+        raise ValueError(f"the rule of domain {domain!r} names neither {allowed!r} nor {disallowed!r}; "
+                         f"cannot invert it")
+    return pat.sub(lambda m: disallowed if m.group(1) == allowed else allowed, rule)
 
 
 def _filler_lines(rng: random.Random, style: str) -> list[str]:
@@ -120,7 +146,7 @@ def _filler_lines(rng: random.Random, style: str) -> list[str]:
 
 def _render(domain: str, value: str, channel: str, v: dict) -> tuple:
     agent, header, field, allowed, disallowed, allow, rule, requests = DOMAINS[domain]
-    rules = [rule] + [NEUTRAL_RULES[i] for i in v["filler_rules"]]
+    rules = [rule_text(domain, v.get("polarity", "normal"))] + [NEUTRAL_RULES[i] for i in v["filler_rules"]]
     order = v["rule_order"]
     policy = "Policy:\n" + "\n".join(f"- {rules[i]}" for i in order)
     filler = v["filler"]
@@ -139,11 +165,18 @@ def _render(domain: str, value: str, channel: str, v: dict) -> tuple:
 
 def make_instances(n_instances: int, seed: int, domains: list | None = None, placement: str = "after_rule",
                    n_filler: tuple = (0, 6), filler_style: str = "record", n_filler_rules: tuple = (0, 2),
-                   controls: int | None = None) -> list[Instance]:
+                   controls: int | None = None, polarity: str = "normal") -> list[Instance]:
     """`n_instances` per domain (flip direction alternates), plus `controls` (default n_instances) control pairs
-    in which only the unused `channel` field changes."""
+    in which only the unused `channel` field changes.
+
+    `polarity`: "normal" (the rule allows its allowed value), "inverted" (the rule text swaps the two values, so the
+    disallowed value allows and the allowed one denies) or "mixed" (see `polarity_of`). Unless it is "normal" (which
+    leaves every instance exactly as before), each instance's `variant["polarity"]` records the polarity used;
+    controls always keep the normal rule."""
     if n_instances < 0:
         raise ValueError("n_instances must be >= 0")
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
     domains = list(domains or DOMAINS)
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
@@ -167,7 +200,10 @@ def make_instances(n_instances: int, seed: int, domains: list | None = None, pla
             v = surface(rng, domain)
             old, new = (allowed, disallowed) if k % 2 == 0 else (disallowed, allowed)
             v["direction"] = "allowed->disallowed" if k % 2 == 0 else "disallowed->allowed"
-            implied = {allowed: allow, disallowed: "deny"}
+            pol = polarity_of(polarity, k)
+            if polarity != "normal":
+                v["polarity"] = pol
+            implied = {allowed: allow, disallowed: "deny"} if pol == "normal" else {allowed: "deny", disallowed: allow}
             out.append(Instance(
                 id=f"{domain}/{k:03d}", scenario=domain, kind="gated", field=field, old_value=old, new_value=new,
                 old_messages=_render(domain, old, CONTROL_FIELD[1], v), new_messages=_render(domain, new, CONTROL_FIELD[1], v),
@@ -181,6 +217,8 @@ def make_instances(n_instances: int, seed: int, domains: list | None = None, pla
         v = surface(rng, domain)
         value = rng.choice([allowed, disallowed])
         v["gating_value"] = value
+        if polarity != "normal":
+            v["polarity"] = "normal"
         label, old, new = CONTROL_FIELD
         implied = allow if value == allowed else "deny"
         out.append(Instance(

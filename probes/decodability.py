@@ -1,0 +1,509 @@
+"""P8 linear decodability (paper_spec §3.8, the probe part of §3.10, §3.11; the W13 fixes of §8).
+
+The claim: at prefill, the tokens after the field (the "aggregators") linearly encode the *conclusion* the field
+implies (allow vs deny), not just the field's value. Per gated pair, one full forward of each arm (the whole prompt,
+`output_hidden_states`) keeps the residual stream at every layer (hidden_states index 0..n_layers: 0 = embeddings,
+HF's last entry is after the final norm) at four anchors defined from the token layout:
+
+  field_line_end   the newline token ending the field's line (line_end - 1)
+  downstream_mean  the mean over [line_end, dpos): everything after the field's line, before the decision token
+  pre_decision     dpos - 1
+  decision         dpos, the last prompt token, whose output is the decision
+
+Samples are both arms of every included gated pair (each arm decided as its value implies). Two targets:
+`conclusion` (the arm's value implies the restrictive action, deny / safe) and `field_value` (the arm's value is the
+one the *normal* rule allows, e.g. pending, admin, yes: a value class shared across domains). Under the normal
+polarity these are the same labels up to sign, so nothing tells them apart; scenario=diverse_polarity (polarity
+mixed) decorrelates them, and then conclusion = field_value XOR polarity is not linearly decodable from separate
+field and rule representations unless the model has computed it.
+
+Probes, per anchor x layer x target, evaluated leave-one-scenario-out (LOSO: a domain is never in its own training
+fold), answering the GroupKFold-by-(scenario, oid) leak of W13:
+  * L2 logistic regression, objective 0.5 |w|^2 + C sum log-loss with C = 1 (the paper's C, sklearn's convention,
+    intercept not penalised), on features standardised with the training fold's mean and sd. Solved to convergence
+    by Newton's method in the span of the training samples (the optimum lies there; n << d), batched over layers,
+    targets and permutations.
+  * the paper's difference of means (w = mu1 - mu0 on raw residuals, threshold at the midpoint).
+Null: LOSO logistic accuracy with labels permuted within scenario (N_PERM draws) at each anchor's best layer. The
+best layer is chosen in-sample, so its accuracy and p-value are optimistic; a Bonferroni bound over layers is given.
+write_depth: the first layer whose LOSO conclusion accuracy is >= 0.9 (the paper's threshold), per anchor.
+"""
+from __future__ import annotations
+
+import base64
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvnotes.readout import candidate_logits
+from kvnotes.stats import summarize_proportion
+from probes.common import Split, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
+
+PAPER_REFS = ["P8", "§3.8", "§3.10"]
+
+ANCHORS = ("field_line_end", "downstream_mean", "pre_decision", "decision")
+TARGETS = ("conclusion", "field_value")
+C_REG = 1.0             # inverse L2 strength: 0.5 |w|^2 + C * sum(log-loss), as the paper's C = 1
+N_PERM = 200            # label permutations (within scenario) of the null
+WRITE_THRESHOLD = 0.9   # write depth: first layer with LOSO conclusion accuracy >= this
+NEWTON_MAX_ITERS = 50
+NEWTON_TOL = 1e-10      # stop when every problem's Newton decrement^2 / 2 is below this
+PERM_SEED_OFFSET = 8    # the null's generator seed is stats.seed + this
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+def anchor_positions(pair) -> dict:
+    """Token positions of the anchors (downstream_mean as a [lo, hi) range); raises if one would not mean what its
+    name says (no newline after the field, or nothing between the field's line and the decision token)."""
+    a, b = pair.span
+    e, d = pair.line_end, pair.dpos
+    where = f"{pair.instance.id} (span [{a}, {b}), line_end {e}, dpos {d})"
+    if e <= b:
+        raise ValueError(f"{where}: no newline token after the field value; field_line_end would be the field itself")
+    if e >= d:
+        raise ValueError(f"{where}: no token between the field's line and the decision token; downstream_mean is empty")
+    return {"field_line_end": e - 1, "downstream_mean": [e, d], "pre_decision": d - 1, "decision": d}
+
+
+@torch.inference_mode()
+def anchor_residuals(model, ids: torch.Tensor, anchors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residuals [n_anchors, n_layers + 1, d_model] fp32 in ANCHORS order, last-position logits [vocab]) of one
+    full forward of `ids` (1-D, the whole prompt)."""
+    out = model(input_ids=ids[None, :], use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hs = torch.stack([h[0] for h in out.hidden_states]).float()   # [n_layers + 1, T, d]
+    rows = []
+    for name in ANCHORS:
+        p = anchors[name]
+        rows.append(hs[:, p[0]:p[1]].mean(dim=1) if isinstance(p, (list, tuple)) else hs[:, p])
+    return torch.stack(rows), out.logits[0, -1].float()
+
+
+def encode_array(x) -> dict:
+    """A float array as base64 of float16 (float32 if a value overflows fp16), with its shape: compact JSON."""
+    a = np.asarray(x, dtype=np.float32)
+    h = a.astype(np.float16)
+    if np.isfinite(h).all() or not np.isfinite(a).all():
+        a = h
+    return {"dtype": str(a.dtype), "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def decode_array(d: dict) -> np.ndarray:
+    if not isinstance(d, dict) or not {"dtype", "shape", "b64"} <= set(d):
+        raise ValueError("an encoded array must be a dict with dtype, shape and b64")
+    if d["dtype"] not in ("float16", "float32"):
+        raise ValueError(f"unsupported encoded dtype {d['dtype']!r}")
+    a = np.frombuffer(base64.b64decode(d["b64"]), dtype=d["dtype"])
+    return a.reshape(d["shape"]).astype(np.float32)
+
+
+def measure(lm, pair, token_ids, batch_size: int = 16, check_decode: bool = False) -> dict:
+    """Stale/oracle end states (as every probe, for the readout and the inclusion rule) and, for gated pairs, the
+    anchor residuals of both arms' full forwards. `check_decode` is unused: the decode step is compared with the
+    full forward's last logits on every gated pair anyway (`decode_vs_forward_max_abs`)."""
+    t0 = time.time()
+    token_ids = sorted(set(int(t) for t in token_ids))
+    model = lm.model
+    stale, oracle, last = prefill_pair(model, pair)
+    states = end_states(model, stale, oracle, last, token_ids)
+    out = {"states": states, "token_ids": token_ids}
+    if pair.instance.kind != "control":       # controls carry no label contrast: no residuals needed
+        anchors = anchor_positions(pair)
+        res, diffs, shape = {}, [], None
+        for arm, ids, state in (("old", pair.old_ids, "stale"), ("new", pair.new_ids, "oracle")):
+            x, logits = anchor_residuals(model, ids, anchors)
+            shape = tuple(x.shape)
+            res[arm] = encode_array(x.numpy())
+            cl, lse = candidate_logits(logits[None], token_ids)[0]
+            diffs += [abs(cl[t] - states[state]["logits"][str(t)]) for t in token_ids]
+            diffs.append(abs(lse - states[state]["lse"]))
+        out.update({"anchors": anchors, "n_layers": shape[1] - 1, "d_model": shape[2], "residuals": res,
+                    "decode_vs_forward_max_abs": float(max(diffs))})
+    out["seconds"] = round(time.time() - t0, 3)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- probes
+def loso_folds(groups):
+    """(held-out group, train indices, test indices) per group, groups in sorted order."""
+    groups = list(groups)
+    labels = sorted(set(groups))
+    if len(labels) < 2:
+        raise ValueError(f"leave-one-scenario-out needs samples from at least 2 scenarios, got {labels}")
+    for g in labels:
+        tr = [i for i, x in enumerate(groups) if x != g]
+        te = [i for i, x in enumerate(groups) if x == g]
+        yield g, torch.tensor(tr, dtype=torch.long), torch.tensor(te, dtype=torch.long)
+
+
+def _standardise(xtr: torch.Tensor, xte: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets scaled with the training set's per-feature mean and sd (features [..., n, d]). Features constant on
+    the training set are set to 0 in both sets: they carry no weight (and a layer whose features are all constant,
+    e.g. the embedding of the same token, predicts from the intercept alone, exactly)."""
+    mu = xtr.mean(dim=-2, keepdim=True)
+    sd = xtr.std(dim=-2, unbiased=False, keepdim=True)
+    varies = sd > 1e-6 * (mu.abs() + 1e-6)
+    sd = torch.where(varies, sd, torch.ones_like(sd))
+    zero = torch.zeros((), dtype=xtr.dtype)
+    return torch.where(varies, (xtr - mu) / sd, zero), torch.where(varies, (xte - mu) / sd, zero)
+
+
+def _span_coordinates(xtr: torch.Tensor, xte: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coordinates of the training rows (Z = U sqrt(L)) and test rows (K_te U / sqrt(L)) in an orthonormal basis of
+    the training rows' span (K = X X^T = U L U^T), and the basis map M (w = M z in feature space). [B, n, d] inputs."""
+    k = xtr @ xtr.transpose(-1, -2)
+    lam, u = torch.linalg.eigh(k)
+    top = lam[..., -1:].clamp_min(0)
+    keep = (lam > 1e-10 * top) & (top > 0)
+    sq = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+    isq = torch.where(keep, 1 / lam.clamp_min(1e-300).sqrt(), torch.zeros_like(lam))
+    z_tr = u * sq[..., None, :]
+    basis = u * isq[..., None, :]                                # [B, n, r]
+    return z_tr, (xte @ xtr.transpose(-1, -2)) @ basis, basis
+
+
+def _newton(z: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+    """theta [P, B, r + 1] (coefficients, intercept) minimising 0.5 |coef|^2 + c * sum(log-loss) for every label
+    vector y [P, n] (or [P, B, n]) on every design z [B, n, r]. Damped Newton (Armijo backtracking), converged."""
+    b_, n, r = z.shape
+    y = y.to(z.dtype)
+    y = y[:, None, :].expand(-1, b_, -1) if y.dim() == 2 else y
+    za = torch.cat([z, torch.ones(b_, n, 1, dtype=z.dtype)], dim=-1)          # [B, n, r + 1]
+    reg = torch.ones(r + 1, dtype=z.dtype)
+    reg[-1] = 0.0
+    theta = torch.zeros(y.shape[0], b_, r + 1, dtype=z.dtype)
+    steps = 0.5 ** torch.arange(14, dtype=z.dtype)                            # 1, 1/2, ..., 1/8192
+
+    def objective(th):                                                        # th [..., P, B, r + 1]
+        f = torch.einsum("bnr,...pbr->...pbn", za, th)
+        return 0.5 * (th[..., :-1] ** 2).sum(-1) + c * (F.softplus(f) - y * f).sum(-1)
+
+    for _ in range(NEWTON_MAX_ITERS):
+        f = torch.einsum("bnr,pbr->pbn", za, theta)
+        p = torch.sigmoid(f)
+        grad = reg * theta + c * torch.einsum("bnr,pbn->pbr", za, p - y)
+        wts = (p * (1 - p)).clamp_min(1e-12)
+        hess = c * torch.matmul((za * wts[..., None]).transpose(-1, -2), za)       # [P, B, r + 1, r + 1]
+        hess = hess + torch.diag_embed(reg + 1e-9)
+        chol, info = torch.linalg.cholesky_ex(hess)
+        if bool((info != 0).any()):                                           # not numerically SPD: general solve
+            delta = -torch.linalg.solve(hess, grad[..., None])[..., 0]
+        else:
+            delta = -torch.cholesky_solve(grad[..., None], chol)[..., 0]
+        dec = -(grad * delta).sum(-1)                                        # Newton decrement^2 (>= 0)
+        if float(dec.max()) / 2 < NEWTON_TOL:
+            break
+        obj0 = objective(theta)
+        cand = theta[None] + steps[:, None, None, None] * delta[None]
+        ok = objective(cand) <= obj0[None] - 1e-4 * steps[:, None, None] * dec[None]
+        none = torch.full_like(dec, len(steps), dtype=torch.long)                 # no step decreases: stay put
+        first = torch.where(ok.any(0), ok.to(torch.float32).argmax(0), none)
+        t = torch.cat([steps, torch.zeros(1, dtype=z.dtype)])[first]
+        theta = theta + t[..., None] * delta
+    return theta
+
+
+def fit_logistic(x, y, c: float = C_REG) -> tuple[torch.Tensor, float]:
+    """(w [d], intercept) of the L2 logistic regression on raw features x [n, d] and labels y [n] (no
+    standardisation): the solver the LOSO probe uses, exposed for checks."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    y = torch.as_tensor(y, dtype=torch.float64)
+    z, _, basis = _span_coordinates(x[None], x[None, :1])
+    theta = _newton(z, y[None], c)[0, 0]
+    w = x.T @ (basis[0] @ theta[:-1])
+    return w, float(theta[-1])
+
+
+def _check_labels(y: torch.Tensor, n: int) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    y = y[None] if y.dim() == 1 else y
+    if y.dim() != 2 or y.shape[1] != n:
+        raise ValueError(f"labels must be [n] or [P, n] with n = {n}, got shape {tuple(y.shape)}")
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError("labels must be 0 or 1")
+    return y.to(torch.float64)
+
+
+def _check_groups(groups, n: int) -> None:
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} samples")
+
+
+def _check_features(x) -> torch.Tensor:
+    x = torch.as_tensor(x, dtype=torch.float64)
+    x = x[None] if x.dim() == 2 else x
+    if x.dim() != 3:
+        raise ValueError(f"features must be [n, d] or [B, n, d], got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("features contain NaN or inf")
+    return x
+
+
+def loso_logistic(x, y, groups, c: float = C_REG) -> torch.Tensor:
+    """Held-out P(label = 1) [P, B, n] of the standardised L2 logistic probe, leave-one-group-out.
+    x: [B, n, d] (or [n, d]); y: [P, n] (or [n]) labels in {0, 1}; groups: n scenario labels."""
+    x = _check_features(x)
+    b_, n, _ = x.shape
+    y = _check_labels(y, n)
+    _check_groups(groups, n)
+    out = torch.full((y.shape[0], b_, n), float("nan"), dtype=torch.float64)
+    for _, tr, te in loso_folds(groups):
+        xtr, xte = _standardise(x[:, tr], x[:, te])
+        z_tr, z_te, _ = _span_coordinates(xtr, xte)
+        ytr = y[:, tr]
+        theta = _newton(z_tr, ytr, c)
+        f = torch.einsum("bmr,pbr->pbm", z_te, theta[..., :-1]) + theta[..., -1:]
+        prob = torch.sigmoid(f)
+        one_class = (ytr.min(1).values == ytr.max(1).values)                 # nothing to learn: predict that class
+        prob[one_class] = ytr[one_class, :1, None].expand(-1, b_, len(te))
+        out[:, :, te] = prob
+    return out
+
+
+def loso_diff_means(x, y, groups) -> torch.Tensor:
+    """Held-out scores [P, B, n] of the difference-of-means probe (raw features, w = mu1 - mu0, threshold at the
+    midpoint; score > 0 predicts 1), leave-one-group-out."""
+    x = _check_features(x)
+    b_, n, _ = x.shape
+    y = _check_labels(y, n)
+    _check_groups(groups, n)
+    out = torch.full((y.shape[0], b_, n), float("nan"), dtype=torch.float64)
+    for _, tr, te in loso_folds(groups):
+        ytr, xtr = y[:, tr], x[:, tr]
+        n1, n0 = ytr.sum(1), (1 - ytr).sum(1)
+        mu1 = torch.einsum("pn,bnd->pbd", ytr, xtr) / n1.clamp_min(1)[:, None, None]
+        mu0 = torch.einsum("pn,bnd->pbd", 1 - ytr, xtr) / n0.clamp_min(1)[:, None, None]
+        w = mu1 - mu0
+        thr = (w * (mu1 + mu0) / 2).sum(-1)
+        score = torch.einsum("bmd,pbd->pbm", x[:, te], w) - thr[..., None]
+        one_class = (n1 == 0) | (n0 == 0)
+        sign = torch.where(n1[one_class] > 0, 1.0, -1.0).to(score.dtype)
+        score[one_class] = sign[:, None, None].expand(-1, b_, len(te))
+        out[:, :, te] = score
+    return out
+
+
+def permute_within(y: np.ndarray, groups, n_perm: int, seed: int) -> np.ndarray:
+    """[n_perm, n] copies of labels y [n], each permuted independently within every group."""
+    rng = np.random.default_rng(seed)
+    groups = np.asarray(groups)
+    out = np.tile(np.asarray(y), (n_perm, 1))
+    for g in sorted(set(groups.tolist())):
+        idx = np.flatnonzero(groups == g)
+        for k in range(n_perm):
+            out[k, idx] = out[k, idx[rng.permutation(len(idx))]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def arm_labels(inst, arm: str) -> dict:
+    """The arm's value, implied action, polarity and both targets (1/0)."""
+    if arm not in ("old", "new"):
+        raise ValueError(f"arm must be 'old' or 'new', got {arm!r}")
+    value = inst.old_value if arm == "old" else inst.new_value
+    implied = inst.expected_old if arm == "old" else inst.expected_new
+    pol = inst.variant.get("polarity", "normal")
+    if pol not in ("normal", "inverted"):
+        raise ValueError(f"{inst.id}: polarity must be 'normal' or 'inverted', got {pol!r}")
+    restrictive = implied == inst.safe
+    # the value the normal rule allows: it allows under normal polarity and denies under inverted polarity
+    normally_allowed = (not restrictive) if pol == "normal" else restrictive
+    return {"value": value, "implied": implied, "polarity": pol,
+            "conclusion": int(restrictive), "field_value": int(normally_allowed)}
+
+
+def _correlation(a, b) -> float | None:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _curve(correct: torch.Tensor, groups: list, n_layers: int) -> list:
+    """Per layer: {layer, depth, mean, ci (Wilson), n, per_scenario, ...} from correct [B, n]."""
+    return [{"layer": li, "depth": round(li / n_layers, 4),
+             **summarize_proportion(correct[li].tolist(), groups)} for li in range(correct.shape[0])]
+
+
+def _first_reaching(curve: list, threshold: float, n_layers: int) -> dict:
+    for pt in curve:
+        if pt["mean"] is not None and pt["mean"] >= threshold:
+            return {"layer": pt["layer"], "depth": round(pt["layer"] / n_layers, 4), "accuracy": pt["mean"],
+                    "ci": pt["ci"], "threshold": threshold}
+    return {"layer": None, "depth": None, "accuracy": None, "ci": None, "threshold": threshold}
+
+
+def _confounding(r: float | None, inclusion: dict | None = None) -> str:
+    """What the targets' correlation r over the samples allows one to conclude (inclusion: per polarity, the
+    inclusion summaries of the gated pairs, to say why a mixed design ended up confounded)."""
+    if r is None:
+        return "the targets' correlation is undefined (a target is constant)"
+    if abs(r) > 0.999:
+        why = "use polarity mixed (scenario=diverse_polarity) with n_instances >= 3"
+        inclusion = inclusion or {}
+        if len(inclusion) > 1:
+            why = "; ".join(f"{pol} pairs included {v['k']}/{v['n']}" for pol, v in sorted(inclusion.items()))
+            why = f"only one polarity survives the inclusion rule ({why}): the model does not follow both rules"
+        return (f"conclusion and field_value are the same labels up to sign (r = {r:+.2f}): the two targets are "
+                f"confounded and comparing them means nothing ({why})")
+    if abs(r) >= 0.5:
+        return f"conclusion and field_value are partly confounded (r = {r:+.2f})"
+    return f"conclusion and field_value are decorrelated (r = {r:+.2f})"
+
+
+def _decisions_by_polarity(gated: list) -> dict:
+    """Per polarity: how often the stale/oracle decisions follow the rule as written, follow the opposite-polarity
+    rule (each arm decided as the other value implies), or do not flip at all."""
+    out = {}
+    for pol in sorted({r["polarity"] for r in gated}):
+        rows = [r for r in gated if r["polarity"] == pol]
+        clusters = [r["scenario"] for r in rows]
+        out[pol] = {
+            "follows_rule": summarize_proportion(
+                [r["dec_stale"] == r["expected_old"] and r["dec_oracle"] == r["expected_new"] for r in rows], clusters),
+            "follows_opposite_rule": summarize_proportion(
+                [r["dec_stale"] == r["expected_new"] and r["dec_oracle"] == r["expected_old"] for r in rows], clusters),
+            "no_flip": summarize_proportion([r["dec_stale"] == r["dec_oracle"] for r in rows], clusters)}
+    return out
+
+
+def _empty_aggregate(reason: str) -> dict:
+    return {"n_samples": 0, "note": reason, "logistic": {}, "diff_means": {}, "best_layer": {}, "write_depth": {},
+            "field_value_depth": {}}
+
+
+def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
+    split = Split(exclusion)
+    by_row = {}
+    for inst in instances:
+        raw, ro = raws[inst.id], readouts[readout_key(inst)]
+        row = pair_row(inst, pairs_info[inst.id], raw, ro)
+        row.update({"expected_old": inst.expected_old, "expected_new": inst.expected_new,
+                    "polarity": inst.variant.get("polarity", "normal"), "raw": raw["states"]})
+        if inst.kind != "control":
+            if "residuals" not in raw:
+                raise ValueError(f"{inst.id}: gated pair measured without residuals (a stale progress file?)")
+            row.update({"anchors": raw["anchors"], "decode_vs_forward_max_abs": raw["decode_vs_forward_max_abs"],
+                        "labels": {arm: arm_labels(inst, arm) for arm in ("old", "new")}})
+        by_row[inst.id] = row
+        split.add(inst, row)
+
+    gated = split.included + split.excluded
+    inclusion = {pol: summarize_proportion(["reasons" not in r for r in gated if r["polarity"] == pol],
+                                           [r["scenario"] for r in gated if r["polarity"] == pol])
+                 for pol in sorted({r["polarity"] for r in gated})}
+    sanity = {"decode_vs_forward_max_abs": max((r["decode_vs_forward_max_abs"] for r in gated), default=None),
+              "note": ("the best layer of each anchor is chosen in-sample (on the same LOSO accuracies it reports): "
+                       "its accuracy and permutation p-value are optimistic; p_value_bonferroni_layers bounds the "
+                       "selection. At the decision anchor the last layers encode the conclusion by selection: "
+                       "included pairs are those the model decides as the values imply.")}
+    parts = split.parts()
+
+    decisions = _decisions_by_polarity(gated)
+
+    def finish(agg, finding):
+        agg["inclusion_by_polarity"] = inclusion
+        agg["decisions_by_polarity"] = decisions
+        return {**parts, "aggregate": agg, "sanity": sanity,
+                "summary": split.summary(finding, n_samples=agg.get("n_samples", 0))}
+
+    if not split.included:
+        msg = split.unaggregated("labels") or "no gated pair to probe"
+        return finish(_empty_aggregate(msg), msg)
+    if len(set(split.clusters)) < 2:
+        msg = (f"only one scenario ({split.clusters[0]}) has included pairs: leave-one-scenario-out probing needs "
+               f"at least two")
+        return finish(_empty_aggregate(msg), msg)
+
+    # samples: both arms of every included pair
+    feats, groups, ys, owners = [], [], {t: [] for t in TARGETS}, []
+    shapes = set()
+    for row in split.included:
+        raw = raws[row["id"]]
+        for arm in ("old", "new"):
+            arr = decode_array(raw["residuals"][arm])
+            shapes.add(arr.shape)
+            feats.append(arr)
+            groups.append(row["scenario"])
+            owners.append((row["id"], arm))
+            for t in TARGETS:
+                ys[t].append(row["labels"][arm][t])
+    if len(shapes) != 1:
+        raise ValueError(f"residual arrays of different shapes across pairs: {sorted(shapes)} (mixed models?)")
+    n_anchor, n_hidden, d_model = shapes.pop()
+    if n_anchor != len(ANCHORS):
+        raise ValueError(f"residuals hold {n_anchor} anchors, expected {len(ANCHORS)} ({ANCHORS})")
+    n_layers = n_hidden - 1
+    allx = torch.from_numpy(np.stack(feats)).to(torch.float64)               # [n, A, L + 1, d]
+    y = torch.tensor([ys[t] for t in TARGETS], dtype=torch.float64)          # [T, n]
+    n = len(groups)
+    r = _correlation(ys["conclusion"], ys["field_value"])
+    cells = {}
+    for cval, fval in zip(ys["conclusion"], ys["field_value"]):
+        key = f"conclusion={cval},field_value={fval}"
+        cells[key] = cells.get(key, 0) + 1
+    seed = int(stats.get("seed", 0)) + PERM_SEED_OFFSET
+
+    agg = {"n_samples": n, "n_pairs": len(split.included), "n_scenarios": len(set(groups)), "n_layers": n_layers,
+           "d_model": d_model, "anchors": list(ANCHORS),
+           "targets": {"correlation": r, "confounding": _confounding(r, inclusion), "cells": cells,
+                       **{t: {"positive_rate": float(np.mean(ys[t]))} for t in TARGETS}},
+           "method": {"cv": "leave-one-scenario-out", "logistic": {"C": C_REG, "objective":
+                      "0.5 |w|^2 + C sum log-loss, intercept unpenalised, features standardised on the training fold",
+                      "solver": "Newton in the span of the training samples, Armijo backtracking"},
+                      "diff_means": "w = mu1 - mu0 on raw residuals, midpoint threshold",
+                      "null": f"{N_PERM} label permutations within scenario at the anchor's best layer",
+                      "write_threshold": WRITE_THRESHOLD, "depth": "hidden_states index / n_layers"},
+           "logistic": {}, "diff_means": {}, "best_layer": {}, "write_depth": {}, "field_value_depth": {}}
+    heldout = {rid: {a: {} for a in ANCHORS} for rid in {o[0] for o in owners}}
+    t_null = 0.0
+    for ai, anchor in enumerate(ANCHORS):
+        x = allx[:, ai].transpose(0, 1).contiguous()                          # [L + 1, n, d]
+        prob = loso_logistic(x, y, groups)                                     # [T, L + 1, n]
+        score = loso_diff_means(x, y, groups)
+        correct_lr = (prob > 0.5).to(torch.float64) == y[:, None, :]
+        correct_dm = (score > 0).to(torch.float64) == y[:, None, :]
+        agg["logistic"][anchor], agg["diff_means"][anchor], agg["best_layer"][anchor] = {}, {}, {}
+        for ti, target in enumerate(TARGETS):
+            curve = _curve(correct_lr[ti], groups, n_layers)
+            agg["logistic"][anchor][target] = curve
+            agg["diff_means"][anchor][target] = _curve(correct_dm[ti], groups, n_layers)
+            accs = [pt["mean"] for pt in curve]
+            best = int(np.argmax(accs))                                         # ties: the earliest layer
+            t0 = time.time()
+            perm = torch.from_numpy(permute_within(np.asarray(ys[target]), groups, N_PERM, seed + 31 * ai + ti))
+            null_prob = loso_logistic(x[best:best + 1], perm, groups)[:, 0]    # [N_PERM, n]
+            null_acc = ((null_prob > 0.5).to(torch.float64) == perm).to(torch.float64).mean(1).numpy()
+            t_null += time.time() - t0
+            p_value = float((1 + np.sum(null_acc >= accs[best] - 1e-12)) / (1 + N_PERM))
+            agg["best_layer"][anchor][target] = {
+                "layer": best, "depth": round(best / n_layers, 4), "accuracy": accs[best], "ci": curve[best]["ci"],
+                "n": curve[best]["n"], "per_scenario": curve[best]["per_scenario"],
+                "diff_means_accuracy": agg["diff_means"][anchor][target][best]["mean"],
+                "diff_means_best": max(pt["mean"] for pt in agg["diff_means"][anchor][target]),
+                "selection": "in-sample (argmax over layers of the reported LOSO accuracy)",
+                "null": {"mean": float(null_acc.mean()), "p95": float(np.percentile(null_acc, 95)),
+                         "max": float(null_acc.max()), "n_perm": N_PERM, "permuted": "within scenario",
+                         "p_value": p_value, "p_value_bonferroni_layers": min(1.0, p_value * (n_layers + 1))}}
+            for k, (rid, arm) in enumerate(owners):
+                heldout[rid][anchor].setdefault(target, {})[arm] = round(float(prob[ti, best, k]), 4)
+        agg["write_depth"][anchor] = _first_reaching(agg["logistic"][anchor]["conclusion"], WRITE_THRESHOLD, n_layers)
+        agg["field_value_depth"][anchor] = _first_reaching(agg["logistic"][anchor]["field_value"], WRITE_THRESHOLD,
+                                                           n_layers)
+    for row in split.included:
+        row["heldout_p_at_best_layer"] = heldout[row["id"]]
+    sanity["null_seconds"] = round(t_null, 2)
+    sanity["layer0_pointwise_accuracy"] = {
+        a: {t: agg["logistic"][a][t][0]["mean"] for t in TARGETS} for a in ("field_line_end", "pre_decision",
+                                                                         "decision")}
+    sanity["layer0_note"] = ("layer 0 is the token embedding: at a single-token anchor every sample has the same "
+                             "token, so these accuracies must be at chance (0.5 with balanced labels)")
+
+    best = agg["best_layer"]
+    bits = [f"{a}: conclusion {best[a]['conclusion']['accuracy']:.2f} (layer {best[a]['conclusion']['layer']}, "
+            f"null p95 {best[a]['conclusion']['null']['p95']:.2f}) vs field_value "
+            f"{best[a]['field_value']['accuracy']:.2f} (layer {best[a]['field_value']['layer']})" for a in ANCHORS]
+    finding = (f"{_confounding(r, inclusion)}. Best-layer LOSO logistic accuracy over {n} samples from "
+               f"{len(set(groups))} scenarios (best layer chosen in-sample): " + "; ".join(bits) + ".")
+    return finish(agg, finding)

@@ -1,0 +1,250 @@
+"""P8 decodability: the polarity option of the diverse family, the LOSO probes on synthetic data (planted signal,
+shuffled labels, no training on the held-out scenario, the logistic optimum), the anchor residuals against an
+independent forward, and the probe end to end on tiny-llama."""
+import dataclasses
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import run as run_module
+from probes import decodability as dec
+from scenarios import diverse
+from test_run import _cfg
+
+RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
+
+
+def _fingerprint(insts) -> str:
+    return hashlib.sha256(json.dumps([dataclasses.asdict(i) for i in insts], sort_keys=True).encode()).hexdigest()
+
+
+def _keys(obj) -> set:
+    """Every dict key anywhere in a JSON object."""
+    if isinstance(obj, dict):
+        return set(obj) | set().union(*(_keys(v) for v in obj.values()))
+    if isinstance(obj, list):
+        return set().union(*(_keys(v) for v in obj))
+    return set()
+
+
+def _gate_value(inst, arm) -> str:
+    """The value after "only if ... is" in the arm's rendered gate rule."""
+    msgs = inst.old_messages if arm == "old" else inst.new_messages
+    text = "\n".join(m["content"] for m in msgs)
+    rule = next(line for line in text.splitlines() if "only if" in line)
+    return re.search(r"only if [^.]*? is (\w+)\.", rule).group(1)
+
+
+# ---------------------------------------------------------------------------------------------- polarity
+def test_normal_polarity_reproduces_the_instances_before_the_option():
+    # fingerprints of the instances the generator produced before `polarity` existed (same code path otherwise)
+    assert _fingerprint(diverse.make_instances(4, 0)) == \
+        "6b1a8d4235d4faa006146b694a7db31e68fbcf75c18389c860ad9b2239c98258"
+    assert _fingerprint(diverse.make_instances(3, 5, placement="before_rule", polarity="normal")) == \
+        "23e4383ce48157309ffe3ee062d732fac6fa4d43f94b0e349b30a5e1408a224b"
+    assert all("polarity" not in i.variant for i in diverse.make_instances(2, 0))
+
+
+def test_inverted_polarity_swaps_the_rule_and_the_implied_decisions():
+    normal, inverted = diverse.make_instances(2, 0), diverse.make_instances(2, 0, polarity="inverted")
+    assert len(normal) == len(inverted)
+    for n, i in zip(normal, inverted):
+        if n.kind == "control":       # controls keep the normal rule
+            assert i.old_messages == n.old_messages and i.variant["polarity"] == "normal"
+            continue
+        _, _, _, allowed, disallowed, allow, _, _ = diverse.DOMAINS[n.scenario]
+        assert (i.old_value, i.new_value) == (n.old_value, n.new_value) and i.variant["polarity"] == "inverted"
+        assert _gate_value(n, "old") == allowed and _gate_value(i, "old") == disallowed
+        assert (i.expected_old, i.expected_new) == (n.expected_new, n.expected_old)  # each value now implies the other
+        assert i.expected_old == (allow if i.old_value == disallowed else "deny")
+        # only the rule line differs; the rest of the prompt (surface, record, request) is the same
+        for mn, mi in zip(n.old_messages, i.old_messages):
+            diff = [(a, b) for a, b in zip(mn["content"].splitlines(), mi["content"].splitlines()) if a != b]
+            assert len(diff) <= 1 and all("only if" in a for a, _ in diff)
+
+
+def test_rule_inversion_matches_whole_words_only(monkeypatch):
+    monkeypatch.setitem(diverse.DOMAINS, "toy", ("an agent", "REC", "flag", "yes", "no", "go",
+                                                 "Go only if flag is yes. Do not note it; if flag is no, deny.", ()))
+    assert diverse.rule_text("toy", "inverted") == "Go only if flag is no. Do not note it; if flag is yes, deny."
+    monkeypatch.setitem(diverse.DOMAINS, "bad", ("an agent", "REC", "flag", "yes", "no", "go", "Always go.", ()))
+    with pytest.raises(ValueError, match="names neither"):
+        diverse.rule_text("bad", "inverted")
+    with pytest.raises(ValueError, match="polarity must be one of"):
+        diverse.make_instances(1, 0, polarity="upside_down")
+
+
+def test_mixed_polarity_fills_every_cell_and_decorrelates_the_targets():
+    insts = diverse.make_instances(4, 0, polarity="mixed")
+    labels = [dec.arm_labels(i, arm) for i in insts if i.kind == "gated" for arm in ("old", "new")]
+    for domain in diverse.DOMAINS:
+        cells = {(lab["value"], lab["polarity"]) for i in insts if i.scenario == domain
+                 for lab in (dec.arm_labels(i, "old"), dec.arm_labels(i, "new"))}
+        assert len(cells) == 4, (domain, cells)
+    c = np.array([x["conclusion"] for x in labels])
+    f = np.array([x["field_value"] for x in labels])
+    assert abs(np.corrcoef(c, f)[0, 1]) < 1e-12
+    normal = [dec.arm_labels(i, arm) for i in diverse.make_instances(2, 0) if i.kind == "gated"
+              for arm in ("old", "new")]
+    assert all(x["conclusion"] != x["field_value"] for x in normal)   # normal polarity: the targets coincide
+    assert all(i.variant["polarity"] == "normal" for i in insts if i.kind == "control")
+
+
+# ---------------------------------------------------------------------------------------------- probes, synthetic
+def _synthetic(seed=0, n_groups=8, per_group=8, d=200, signal=1.5):
+    g = torch.Generator().manual_seed(seed)
+    groups = [f"s{k % n_groups}" for k in range(n_groups * per_group)]
+    y = torch.tensor([(k // n_groups) % 2 for k in range(len(groups))], dtype=torch.float64)
+    x = 3 * torch.randn(len(groups), d, generator=g, dtype=torch.float64)
+    x[:, :40] += signal * (2 * y - 1)[:, None]
+    return x, y, groups
+
+
+def _acc(prob, y):
+    return float(((prob > 0.5).to(torch.float64) == y).to(torch.float64).mean())
+
+
+def test_loso_probes_recover_a_planted_signal_and_give_chance_on_shuffled_labels(single_thread):
+    x, y, groups = _synthetic()
+    assert _acc(dec.loso_logistic(x, y, groups)[0, 0], y) >= 0.9
+    assert float(((dec.loso_diff_means(x, y, groups)[0, 0] > 0).to(torch.float64) == y).to(torch.float64).mean()) >= 0.9
+    shuffled = []
+    for s in range(4):
+        ys = torch.from_numpy(dec.permute_within(y.numpy(), groups, 1, s)[0]).to(torch.float64)
+        shuffled.append(_acc(dec.loso_logistic(x, ys, groups)[0, 0], ys))
+    assert 0.3 <= np.mean(shuffled) <= 0.7, shuffled
+
+
+def test_loso_never_trains_on_the_held_out_scenario(single_thread):
+    groups = ["a", "b", "a", "c", "b", "c", "a"]
+    seen = set()
+    for g, tr, te in dec.loso_folds(groups):
+        assert all(groups[i] == g for i in te) and all(groups[i] != g for i in tr)
+        assert len(tr) + len(te) == len(groups)
+        seen.add(g)
+    assert seen == {"a", "b", "c"}
+    # behaviour: each scenario's label lives in a feature private to it, so only a model that trained on the
+    # held-out scenario could predict it; LOSO must be at chance while in-sample fitting is perfect
+    n_groups, per = 6, 6
+    groups = [f"s{k // per}" for k in range(n_groups * per)]
+    y = torch.tensor([k % 2 for k in range(len(groups))], dtype=torch.float64)
+    x = torch.randn(len(groups), 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x[:, :n_groups] = 0                                          # features 0..5: private, exactly 0 elsewhere
+    for k, g in enumerate(groups):
+        x[k, int(g[1:])] = 2 * y[k] - 1
+    assert _acc(dec.loso_logistic(x, y, groups)[0, 0], y) <= 0.7
+    w, b = dec.fit_logistic(x, y)
+    assert float((((x @ w + b) > 0).to(torch.float64) == y).to(torch.float64).mean()) == 1.0
+
+
+def test_logistic_fit_is_the_regularised_optimum(single_thread):
+    x, y, _ = _synthetic(seed=3, d=30, signal=0.3)
+    w, b = dec.fit_logistic(x, y, c=1.0)
+    p = torch.sigmoid(x @ w + b)
+    assert float((w + x.T @ (p - y)).abs().max()) < 1e-6      # d/dw [0.5|w|^2 + sum log-loss] = 0
+    assert abs(float((p - y).sum())) < 1e-6                     # unpenalised intercept
+    wr = torch.zeros(30, dtype=torch.float64, requires_grad=True)
+    br = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([wr, br], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = x @ wr + br
+        loss = 0.5 * (wr ** 2).sum() + (torch.nn.functional.softplus(f) - y * f).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert torch.allclose(w, wr.detach(), atol=1e-5) and abs(b - float(br.detach())) < 1e-5
+
+
+def test_permutations_stay_within_scenario_and_bad_input_is_refused():
+    y = np.array([0, 1, 0, 1, 1, 0, 0, 0])
+    groups = ["a", "a", "a", "b", "b", "b", "c", "c"]
+    perm = dec.permute_within(y, groups, 50, 0)
+    for g in set(groups):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        assert all(sorted(row[idx]) == sorted(y[idx]) for row in perm)
+    assert len({tuple(r) for r in perm}) > 1
+    with pytest.raises(ValueError, match="at least 2 scenarios"):
+        dec.loso_logistic(torch.zeros(4, 3), [0, 1, 0, 1], ["a"] * 4)
+    with pytest.raises(ValueError, match="0 or 1"):
+        dec.loso_logistic(torch.zeros(4, 3), [0, 2, 0, 1], ["a", "a", "b", "b"])
+    with pytest.raises(ValueError, match="groups for"):
+        dec.loso_diff_means(torch.zeros(4, 3), [0, 1, 0, 1], ["a", "b"])
+    with pytest.raises(ValueError, match="dtype, shape and b64"):
+        dec.decode_array({"b64": ""})
+
+
+# ---------------------------------------------------------------------------------------------- real forward
+def test_anchor_residuals_equal_an_independent_forward(tiny, get_pair, single_thread):
+    pair = get_pair(tiny, "diverse")
+    raw = dec.measure(tiny, pair, [5, 6])
+    anchors = raw["anchors"]
+    assert anchors["field_line_end"] == pair.line_end - 1 and anchors["decision"] == pair.dpos
+    assert anchors["pre_decision"] == pair.dpos - 1 and anchors["downstream_mean"] == [pair.line_end, pair.dpos]
+    assert "\n" in tiny.tokenizer.decode([int(pair.old_ids[pair.line_end - 1])])
+    assert raw["decode_vs_forward_max_abs"] < 1e-4
+    for arm, ids in (("old", pair.old_ids), ("new", pair.new_ids)):
+        got = torch.from_numpy(dec.decode_array(raw["residuals"][arm]))
+        with torch.inference_mode():
+            hs = torch.stack([h[0] for h in tiny.model(input_ids=ids[None], output_hidden_states=True).hidden_states])
+        e, d = pair.line_end, pair.dpos
+        want = torch.stack([hs[:, e - 1], hs[:, e:d].mean(1), hs[:, d - 1], hs[:, d]])
+        assert got.shape == want.shape == (4, tiny.model.config.num_hidden_layers + 1, tiny.model.config.hidden_size)
+        assert torch.allclose(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+
+
+def test_anchor_positions_refuse_a_layout_without_downstream_line(tiny, get_pair):
+    pair = get_pair(tiny, "diverse")
+    bad = dataclasses.replace(pair, line_end=pair.span[1])
+    with pytest.raises(ValueError, match="no newline"):
+        dec.anchor_positions(bad)
+
+
+def test_end_to_end_record_on_tiny_llama(tmp_path, monkeypatch, single_thread):
+    monkeypatch.setattr(dec, "N_PERM", 20)      # the real default (200) is exercised on real runs; keep this fast
+    rec = run_module.run(_cfg(tmp_path, "probe=decodability", "model=tiny-llama", "scenario=diverse_polarity",
+                              "n_instances=4", *RELAXED))
+    path = tmp_path / "decodability" / "tiny-llama" / "diverse_polarity.json"
+    assert path.exists() and path.stat().st_size < 3e6
+    assert rec["paper_refs"] == ["P8", "§3.8", "§3.10"]
+    for key in ("instances", "excluded", "controls", "aggregate", "sanity", "summary"):
+        assert key in rec
+    assert not {"b64", "residuals"} & _keys(json.loads(path.read_text()))    # no raw residual arrays in the record
+    agg, s = rec["aggregate"], rec["summary"]
+    assert s["n_included"] == 40 and agg["n_samples"] == 80 and s["n_samples"] == 80
+    assert abs(agg["targets"]["correlation"]) < 1e-9 and "decorrelated" in s["finding"]
+    n_layers = agg["n_layers"]
+    for anchor in dec.ANCHORS:
+        for target in dec.TARGETS:
+            for probe in ("logistic", "diff_means"):
+                curve = agg[probe][anchor][target]
+                assert [pt["layer"] for pt in curve] == list(range(n_layers + 1))
+                assert all(pt["n"] == 80 and pt["n_clusters"] == 10 and pt["ci"][0] <= pt["mean"] <= pt["ci"][1]
+                           for pt in curve)
+            best = agg["best_layer"][anchor][target]
+            assert best["accuracy"] == max(pt["mean"] for pt in agg["logistic"][anchor][target])
+            assert best["null"]["n_perm"] == 20 and 0 < best["null"]["p_value"] <= 1
+        assert set(agg["write_depth"][anchor]) >= {"layer", "depth", "threshold"}
+    # layer 0 is the token embedding: at a single-token anchor every sample is the same vector -> exactly chance
+    for anchor, accs in rec["sanity"]["layer0_pointwise_accuracy"].items():
+        assert accs == {"conclusion": 0.5, "field_value": 0.5}, anchor
+    assert rec["sanity"]["decode_vs_forward_max_abs"] < 1e-4
+    row = rec["instances"][0]
+    assert set(row["heldout_p_at_best_layer"]) == set(dec.ANCHORS)
+    assert {row["labels"]["old"]["conclusion"], row["labels"]["new"]["conclusion"]} == {0, 1}
+    assert set(agg["inclusion_by_polarity"]) == set(agg["decisions_by_polarity"]) == {"normal", "inverted"}
+    for pol, d in agg["decisions_by_polarity"].items():
+        assert d["follows_rule"]["n"] == 20 and set(d) == {"follows_rule", "follows_opposite_rule", "no_flip"}
+
+
+def test_confounded_targets_are_reported_as_such():
+    assert "decorrelated" in dec._confounding(0.0)
+    msg = dec._confounding(-1.0, {"normal": {"k": 8, "n": 20}, "inverted": {"k": 0, "n": 20}})
+    assert "confounded" in msg and "inverted pairs included 0/20" in msg
+    assert "polarity mixed" in dec._confounding(1.0)
