@@ -127,11 +127,12 @@ def main(cfg: DictConfig) -> float | None:
     t0 = time.time()
     record = run(cfg)
     if cfg.make_figures:
-        from figures import make_figures
+        from figures import fig3, make_figures
         try:
             make_figures.main(["--results", str(_abs(cfg.results_dir))])
         except SystemExit as e:   # e.g. no record yet for the panel's required scenario: say so, keep the record
             print(f"[kvnotes] figures not regenerated: {e}")
+        fig3.main(["--results", str(_abs(cfg.results_dir))])     # skips, with a message, what has no record yet
     print(f"[kvnotes] wall time {time.time() - t0:.1f} s, peak memory {peak_rss_gib():.2f} GiB")
     agg = record["aggregate"].get("field_only_recovery", {})
     return agg.get("mean")

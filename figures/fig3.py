@@ -180,7 +180,8 @@ def fig3d(results: Path, out: Path, models: list[str]) -> Path:
     rows = []
     for ax, model in zip(axes, models):
         rec = load(results, "wording", model, "diverse")
-        table = rec["aggregate"]["p_new_decision"]          # {setting: {variant: proportion summary}}
+        table = rec["aggregate"]["p_decision_is_new_action"]     # {setting: {variant: proportion summary}}
+        labels = rec["wording"]["labels"]
         settings = list(table)
         variants = list(table[settings[0]])
         w = 0.8 / len(settings)
@@ -190,13 +191,13 @@ def fig3d(results: Path, out: Path, models: list[str]) -> Path:
                 x = vi + (si - (len(settings) - 1) / 2) * w
                 ax.bar(x, mean, width=w, color=color, edgecolor="white", label=setting if vi == 0 else None,
                        yerr=[[mean - lo], [hi - mean]], capsize=2, ecolor=INK)
-                rows.append([model, setting, v, mean, lo, hi, n])
+                rows.append([model, setting, labels.get(v, v), mean, lo, hi, n])
         ax.set_xticks(range(len(variants)))
-        ax.set_xticklabels(variants, rotation=30, ha="right")
+        ax.set_xticklabels([labels.get(v, v) for v in variants], rotation=30, ha="right")
         ax.set_ylim(0, 1.15)
         ax.set_ylabel("P(decision = new value's action)")
         ax.set_title(f"(d) update wording, {model} (n={rows[-1][-1]}, Wilson 95 %)", fontsize=8)
-        ax.legend(fontsize=6, loc="lower left")
+        ax.legend(fontsize=6, loc="lower left", title="note appended to", title_fontsize=6)
     write_table(out, "fig3d_wording", ["model", "setting", "variant", "p_new", "lo", "hi", "n"], rows)
     return _save(fig, out, "fig3d_wording")
 

@@ -16,7 +16,7 @@ RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "e
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("fig3")
     for args in (("probe=topk", "probe.n_null=10", "probe.n_uniform_null=5"), ("probe=knockout", "probe.n_random=4"),
-                 ("probe=locality",), ("probe=dose", "scenario=diverse_dose")):
+                 ("probe=locality",), ("probe=dose", "scenario=diverse_dose"), ("probe=wording",)):
         run_module.run(_cfg(root, "model=tiny-llama", "n_instances=1", *args, *RELAXED))
     return root
 
@@ -29,7 +29,7 @@ def _rows(path):
 def test_figures_and_tables_show_the_record_numbers(results, tmp_path):
     written = fig3.main(["--results", str(results), "--out", str(tmp_path)])
     names = {p.stem for p in written}
-    assert {"fig3b_topk", "fig3c_reads", "fig_knockout", "fig_dose"} <= names
+    assert {"fig3b_topk", "fig3c_reads", "fig3d_wording", "fig_knockout", "fig_dose"} <= names
     for stem in names:
         assert (tmp_path / f"{stem}.png").stat().st_size > 10_000 and (tmp_path / f"{stem}.md").is_file()
     topk = json.loads((results / "topk" / "tiny-llama" / "diverse.json").read_text())["aggregate"]
@@ -42,6 +42,11 @@ def test_figures_and_tables_show_the_record_numbers(results, tmp_path):
     got = {r["quantity"]: float(r["mean"]) for r in _rows(tmp_path / "fig3c_reads.csv")}
     assert got["causal: field-only"] == pytest.approx(loc["field_only_recovery"]["mean"])
     assert got["attention: downstream"] == pytest.approx(ko["oracle"]["E4_attention_mass"]["downstream"]["mean"])
+    wd = json.loads((results / "wording" / "tiny-llama" / "diverse.json").read_text())
+    labels = {v: k for k, v in wd["wording"]["labels"].items()}
+    for row in _rows(tmp_path / "fig3d_wording.csv"):
+        want = wd["aggregate"]["p_decision_is_new_action"][row["setting"]][labels[row["variant"]]]
+        assert float(row["p_new"]) == pytest.approx(want["mean"]) and int(row["n"]) == want["n"]
 
 
 def test_missing_records_are_skipped_with_the_command(tmp_path, capsys):
