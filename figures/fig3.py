@@ -279,8 +279,39 @@ def fig_dose(results: Path, out: Path, models: list[str]) -> Path:
     return _save(fig, out, "fig_dose")
 
 
+# -- decodability ---------------------------------------------------------------------------------------------------
+def fig_decodability(results: Path, out: Path, models: list[str]) -> Path:
+    recs = {m: load(results, "decodability", m, "diverse_polarity") for m in models}
+    anchors = recs[models[0]]["aggregate"]["anchors"]
+    fig = Figure(figsize=(2.6 * len(anchors), 2.5 * len(models)), layout="constrained")
+    axes = fig.subplots(len(models), len(anchors), squeeze=False)
+    rows = []
+    for axrow, (model, rec) in zip(axes, recs.items()):
+        agg = rec["aggregate"]
+        r = agg["targets"]["correlation"]
+        for ax, anchor in zip(axrow, anchors):
+            for target, color in (("conclusion", WONG["blue"]), ("field_value", WONG["orange"])):
+                curve = agg["logistic"][anchor][target]
+                x = [c["depth"] for c in curve]
+                _band(ax, x, [c["ci"][0] for c in curve], [c["ci"][1] for c in curve], color)
+                ax.plot(x, [c["mean"] for c in curve], "-", color=color, label=target.replace("_", " "))
+                for c in curve:
+                    rows.append([model, anchor, target, c["layer"], c["depth"], c["mean"], *c["ci"], c["n"]])
+            null = agg["best_layer"][anchor]["conclusion"]["null"]
+            ax.axhline(null["p95"], color=WONG["grey"], ls="--", lw=0.9, label="permutation null, 95th pct")
+            ax.axhline(0.5, color=INK, lw=0.6, ls=":")
+            ax.set_ylim(0.2, 1.05)
+            ax.set_title(f"{anchor}, {model}\nn={agg['n_samples']} arms, r(targets)={r:.2f}", fontsize=7)
+            ax.set_xlabel("relative depth")
+        axrow[0].set_ylabel("LOSO accuracy")
+        axrow[0].legend(fontsize=5.5, loc="lower right")
+    write_table(out, "fig_decodability", ["model", "anchor", "target", "layer", "depth", "accuracy", "lo", "hi", "n"],
+                rows)
+    return _save(fig, out, "fig_decodability")
+
+
 FIGURES = {"fig3b_topk": fig3b, "fig3c_reads": fig3c, "fig3d_wording": fig3d, "fig_knockout": fig_knockout,
-           "fig_dose": fig_dose}
+           "fig_dose": fig_dose, "fig_decodability": fig_decodability}
 
 
 def main(argv=None) -> list[Path]:
@@ -299,7 +330,7 @@ def main(argv=None) -> list[Path]:
         models = args.models.split(",") if args.models else models_with(args.results, probe, scenario)
         if name == "fig3c_reads":
             models = [m for m in models if (args.results / "locality" / m / "diverse.json").is_file()]
-        if name in ("fig3b_topk", "fig_knockout"):
+        if name in ("fig3b_topk", "fig_knockout", "fig_decodability"):
             models = [m for m in models
                       if json.loads((args.results / probe / m / f"{scenario}.json").read_text())
                       ["summary"]["n_included"] > 0] if not args.models else models

@@ -16,7 +16,8 @@ RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "e
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("fig3")
     for args in (("probe=topk", "probe.n_null=10", "probe.n_uniform_null=5"), ("probe=knockout", "probe.n_random=4"),
-                 ("probe=locality",), ("probe=dose", "scenario=diverse_dose"), ("probe=wording",)):
+                 ("probe=locality",), ("probe=dose", "scenario=diverse_dose"), ("probe=wording",),
+                 ("probe=decodability", "scenario=diverse_polarity")):
         run_module.run(_cfg(root, "model=tiny-llama", "n_instances=1", *args, *RELAXED))
     return root
 
@@ -29,7 +30,7 @@ def _rows(path):
 def test_figures_and_tables_show_the_record_numbers(results, tmp_path):
     written = fig3.main(["--results", str(results), "--out", str(tmp_path)])
     names = {p.stem for p in written}
-    assert {"fig3b_topk", "fig3c_reads", "fig3d_wording", "fig_knockout", "fig_dose"} <= names
+    assert {"fig3b_topk", "fig3c_reads", "fig3d_wording", "fig_knockout", "fig_dose", "fig_decodability"} <= names
     for stem in names:
         assert (tmp_path / f"{stem}.png").stat().st_size > 10_000 and (tmp_path / f"{stem}.md").is_file()
     topk = json.loads((results / "topk" / "tiny-llama" / "diverse.json").read_text())["aggregate"]
