@@ -106,6 +106,9 @@ def fig3b(results: Path, out: Path, models: list[str]) -> Path:
         _band(ax_k, x, [null[k]["lo"] for k in ks], [null[k]["hi"] for k in ks], WONG["grey"],
               f"matched random-k null ({null[ks[0]]['n_draws']} draws, 95 %)")
         ax_k.plot(x, [null[k]["median"] for k in ks], color=WONG["grey"], lw=1.0, ls="--")
+        uni = agg["null_uniform"]
+        ax_k.plot(x, [uni[k]["median"] for k in ks], color=WONG["grey"], lw=1.0, ls=":",
+                  label=f"uniform random-k (unmatched, {uni[ks[0]]['n_draws']} draws)")
         for kind, color, label in (("topk_in", WONG["blue"], "top-k, ranked in-sample"),
                                    ("topk_cf", WONG["orange"], "top-k, ranked on other scenarios")):
             m = [agg[kind][k]["mean"] for k in ks]
@@ -114,7 +117,8 @@ def fig3b(results: Path, out: Path, models: list[str]) -> Path:
         for k in ks:
             rows.append([model, "topk", k, agg["topk_in"][k]["mean"], *agg["topk_in"][k]["ci"],
                          agg["topk_cf"][k]["mean"], *agg["topk_cf"][k]["ci"], null[k]["median"], null[k]["lo"],
-                         null[k]["hi"], null[k].get("p_topk_in_ge_null"), null[k].get("p_topk_cf_ge_null"), n])
+                         null[k]["hi"], null[k].get("p_topk_in_ge_null"), null[k].get("p_topk_cf_ge_null"),
+                         uni[k]["median"], n])
         ax_k.set_xscale("log", base=2)
         ax_k.axhline(0, color=INK, lw=0.7)
         ax_k.axhline(1, color=INK, lw=0.7, ls=":")
@@ -122,7 +126,7 @@ def fig3b(results: Path, out: Path, models: list[str]) -> Path:
         ax_k.set_ylabel("decision recovery")
         ax_k.set_title(f"(b) top-k notes, {model} (n={n}, {len(rec['summary']['scenarios_included'])} scen.)",
                        fontsize=8)
-        ax_k.legend(fontsize=6, loc="upper left")
+        ax_k.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, 0.97))
         fr = [f for f in map(str, rec["summary"]["fracs"]) if f in agg["suffix"]]
         xf = [float(f) for f in fr]
         for kind, color in (("suffix", WONG["green"]), ("prefix", WONG["red"])):
@@ -131,14 +135,14 @@ def fig3b(results: Path, out: Path, models: list[str]) -> Path:
                       label=f"{kind}: {'last' if kind == 'suffix' else 'first'} fraction of [field, decision)")
         for f in fr:
             rows.append([model, "suffix/prefix", f, agg["suffix"][f]["mean"], *agg["suffix"][f]["ci"],
-                         agg["prefix"][f]["mean"], *agg["prefix"][f]["ci"], None, None, None, None, None, n])
+                         agg["prefix"][f]["mean"], *agg["prefix"][f]["ci"], None, None, None, None, None, None, n])
         ax_s.axhline(0, color=INK, lw=0.7)
         ax_s.set_xlabel("fraction of positions spliced")
         ax_s.set_title(f"suffix / prefix, {model} (n={n})", fontsize=8)
         ax_s.legend(fontsize=6, loc="upper left")
     write_table(out, "fig3b_topk", ["model", "curve", "k_or_frac", "in_sample_or_suffix", "lo", "hi",
                                     "cross_fit_or_prefix", "lo", "hi", "null_median", "null_lo", "null_hi",
-                                    "p_in_vs_null", "p_cf_vs_null", "n"], rows)
+                                    "p_in_vs_null", "p_cf_vs_null", "uniform_null_median", "n"], rows)
     return _save(fig, out, "fig3b_topk")
 
 

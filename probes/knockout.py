@@ -8,8 +8,8 @@ The paper knocked the decision query's attention out of the downstream positions
   (mean over heads and layers), knocked out in all layers, f in FRACS;
 * E2 bands: all of [b, dpos) knocked out in the early / mid / late third of the layers, or all layers;
 * each of these three ways: `mask` (score −inf, the rest renormalises: the paper's knockout), `mean` (K and V
-  replaced by their mean over [b, dpos), per layer and head) and `resample` (K and V taken from another downstream
-  position of the same cache, a seeded derangement; keys keep their donor's rotary phase);
+  replaced by their mean over [b, dpos), per layer and head) and `resample` (K and V of a random position of the
+  prefix before the field, sink excluded, seeded; keys keep their donor's rotary phase);
 * a random-position mask knockout at matched attention mass: random downstream positions added until their
   attention mass reaches the top-f set's (n_random draws per f), the null the graded curve stands against;
 * E4: the unedited decode's attention mass on the sink (the first 3 positions), the rest of the prefix, the field,
@@ -50,15 +50,16 @@ def band_layers(band: str, n_layers: int) -> tuple:
     return tuple(li for li in range(n_layers) if lo <= li < hi)
 
 
-def ablation_sources(cache, down: list, seed: str) -> dict:
-    """Copies of `cache` whose downstream K/V are their mean over `down` (per layer, head) or a derangement of them
-    (each position takes another downstream position's K/V; a donor outside a sliding window gives the mean)."""
+def ablation_sources(cache, down: list, donors: list, seed: str) -> dict:
+    """Copies of `cache` whose downstream K/V are their mean over `down` (per layer and head), or, for resampling,
+    the K/V of a random position drawn from `donors` (positions outside the downstream, so that no knockout set can
+    resample from itself: a permutation of a set of keys and values within the set leaves attention unchanged). A
+    donor outside a sliding window gives the mean instead."""
+    if not donors:
+        raise ValueError("resample-ablation needs donor positions outside the downstream (an empty prefix)")
     idx = torch.as_tensor(down, dtype=torch.long)
-    perm = list(down)
     rng = random.Random(seed)
-    while len(perm) > 1 and any(p == q for p, q in zip(perm, down)):
-        rng.shuffle(perm)
-    pidx = torch.as_tensor(perm, dtype=torch.long)
+    pidx = torch.as_tensor([rng.choice(donors) for _ in down], dtype=torch.long)
     mean, resample = copy.deepcopy(cache), copy.deepcopy(cache)
     for src, lm_, lr in zip(cache.layers, mean.layers, resample.layers):
         off = kv._layer_offset(src)
@@ -99,7 +100,8 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
     out = {"token_ids": token_ids, "n_layers": n_layers, "n_down": len(down), "groups": list(GROUPS) + ["self"],
            "states": end_states(model, stale, oracle, last, token_ids), "knockout": {}}
     for state, cache in caches.items():
-        engine = SpliceEngine(model, cache, ablation_sources(cache, down, f"{pair.instance.id}:{state}:{seed}"),
+        donors = groups["prefix"] or groups["sink"]
+        engine = SpliceEngine(model, cache, ablation_sources(cache, down, donors, f"{pair.instance.id}:{state}:{seed}"),
                               last, chunk_size=batch_size)
         # the state's own decision attention to each downstream position (mean over heads and layers): the ranking
         _, per_pos = engine.run([Splice(())], tokens=token_ids, attention_groups={str(p): [p] for p in down})

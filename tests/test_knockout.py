@@ -64,20 +64,33 @@ def test_attention_log_bookkeeping(tiny_by_name, get_pair, single_thread):
     assert torch.equal(mass[2, 0], mass[0, 0]) and attn["kl"][2, 0].abs().max() < 1e-6
 
 
-def test_ablation_sources_mean_and_derangement(tiny_by_name, get_pair):
+def test_ablation_sources_mean_and_resample_from_outside(tiny_by_name, get_pair):
     lm = tiny_by_name("tiny-llama")
     pair = get_pair(lm, "diverse")
-    d, b = pair.dpos, pair.span[1]
+    d, (a, b) = pair.dpos, pair.span
     stale = kv.prefill(lm.model, pair.old_ids[:d])
-    down = list(range(b, d))
-    src = knockout.ablation_sources(stale, down, "seed")
+    down, donors = list(range(b, d)), list(range(3, a))
+    src = knockout.ablation_sources(stale, down, donors, "seed")
     for li, layer in enumerate(stale.layers):
         mk, rk = src["mean"].layers[li].keys, src["resample"].layers[li].keys
         assert torch.allclose(mk[:, :, down], layer.keys[:, :, down].mean(2, keepdim=True).expand_as(mk[:, :, down]))
         assert torch.equal(mk[:, :, :b], layer.keys[:, :, :b]) and torch.equal(rk[:, :, :b], layer.keys[:, :, :b])
-        for p in down:       # every resampled position carries another downstream position's key
-            hits = [q for q in down if torch.equal(rk[:, :, p], layer.keys[:, :, q])]
-            assert hits and p not in hits
+        for p in down:       # every resampled position carries a donor's key, never a downstream one
+            assert any(torch.equal(rk[:, :, p], layer.keys[:, :, q]) for q in donors)
+    with pytest.raises(ValueError, match="donor"):
+        knockout.ablation_sources(stale, down, [], "seed")
+
+
+def test_resampling_the_whole_downstream_is_not_a_no_op(tiny_by_name, get_pair, single_thread):
+    """A permutation of the downstream K/V within itself would leave attention unchanged (the bug this guards)."""
+    lm = tiny_by_name("tiny-llama")
+    pair = get_pair(lm, "diverse")
+    d, (a, b) = pair.dpos, pair.span
+    stale = kv.prefill(lm.model, pair.old_ids[:d])
+    engine = SpliceEngine(lm.model, stale, knockout.ablation_sources(stale, list(range(b, d)), list(range(3, a)), "s"),
+                          int(pair.old_ids[d]))
+    got = engine.run([Splice(()), Splice(tuple(range(b, d)), source="resample")])
+    assert (got[1] - got[0]).abs().max() > 1e-3
 
 
 @pytest.fixture(scope="module")
