@@ -211,6 +211,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                                .mean(0).tolist() for key in (included[0]["knockout"][state]["mass_by_layer"]
                                                              if included else [])}
         agg[state] = sa
+    for r in split.rows:     # per-layer masses live in the aggregate; per pair they would multiply the record's size
+        for state in STATES:
+            r["knockout"][state].pop("mass_by_layer", None)
     sanity = {"note": "graded f = 0 removes nothing (equals the unedited decode of the state); the field_only base "
                       "recovery is P1's field-only recovery; the oracle base recovery is 1 by construction",
               "graded_0_max_abs_margin_diff": max((abs(r["knockout"][s]["graded"]["0.0"][m]["margin"]
