@@ -224,7 +224,10 @@ def fig_knockout(results: Path, out: Path, models: list[str]) -> Path:
             if rx:
                 _band(ax, rx, [rnd[f]["recovery"]["lo"] for f in rnd], [rnd[f]["recovery"]["hi"] for f in rnd],
                       WONG["grey"], "random, matched attention mass")
-            for method, color in (("mask", WONG["red"]), ("mean", WONG["blue"]), ("resample", WONG["purple"])):
+            methods = [("mask", WONG["red"]), ("mean", WONG["blue"]), ("resample", WONG["purple"])]
+            if rec["summary"].get("resample_donors") != "prefix":   # made before the fix: resample was a permutation
+                methods = methods[:2]
+            for method, color in methods:
                 m = [agg["graded"][f][method]["recovery"]["mean"] for f in fr]
                 ax.plot(x, m, "-o", color=color, ms=3, label=f"top-attention {method}")
                 for f in fr:

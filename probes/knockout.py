@@ -41,6 +41,7 @@ FRACS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 BANDS = ("early", "mid", "late", "all")
 METHODS = ("mask", "mean", "resample")
 GROUPS = ("sink", "prefix", "field", "downstream")
+RESAMPLE_DONORS = "prefix"   # records without this key resampled within the downstream: a no-op permutation, invalid
 
 
 def band_layers(band: str, n_layers: int) -> tuple:
@@ -221,7 +222,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                                                    for r in split.rows for s in STATES for m in METHODS), default=None)}
     return {**split.parts(), "aggregate": agg, "sanity": sanity,
             "summary": split.summary(split.unaggregated("knockouts"), states=list(STATES), fracs=list(FRACS),
-                                     bands=list(BANDS), methods=list(METHODS))}
+                                     bands=list(BANDS), methods=list(METHODS), resample_donors=RESAMPLE_DONORS)}
 
 
 def _cell(rows: list, clusters: list, get, boot: dict) -> dict:
