@@ -88,6 +88,12 @@ def _save(fig: Figure, out: Path, stem: str) -> Path:
     return png
 
 
+def _row_of_panels(n: int, width: float, height: float = 2.8, extra: float = 0.0):
+    """A figure with one row of `n` panels (one per model) and its axes."""
+    fig = Figure(figsize=(width * n + extra, height), layout="constrained")
+    return fig, fig.subplots(1, n, squeeze=False)[0]
+
+
 def _band(ax, xs, lo, hi, color, label=None):
     ax.fill_between(xs, lo, hi, color=color, alpha=0.18, lw=0, label=label)
 
@@ -148,8 +154,7 @@ def fig3b(results: Path, out: Path, models: list[str]) -> Path:
 
 # -- Fig. 3c -------------------------------------------------------------------------------------------------------
 def fig3c(results: Path, out: Path, models: list[str]) -> Path:
-    fig = Figure(figsize=(2.6 * len(models) + 0.6, 2.8), layout="constrained")
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    fig, axes = _row_of_panels(len(models), 2.6, extra=0.6)
     rows = []
     for ax, model in zip(axes, models):
         loc = load(results, "locality", model, "diverse")["aggregate"]
@@ -179,8 +184,7 @@ def fig3c(results: Path, out: Path, models: list[str]) -> Path:
 
 # -- Fig. 3d -------------------------------------------------------------------------------------------------------
 def fig3d(results: Path, out: Path, models: list[str]) -> Path:
-    fig = Figure(figsize=(3.8 * len(models), 2.8), layout="constrained")
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    fig, axes = _row_of_panels(len(models), 3.8)
     rows = []
     for ax, model in zip(axes, models):
         rec = load(results, "wording", model, "diverse")
@@ -253,8 +257,7 @@ def fig_knockout(results: Path, out: Path, models: list[str]) -> Path:
 
 # -- dose -----------------------------------------------------------------------------------------------------------
 def fig_dose(results: Path, out: Path, models: list[str]) -> Path:
-    fig = Figure(figsize=(3.8 * len(models), 2.8), layout="constrained")
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    fig, axes = _row_of_panels(len(models), 3.8)
     rows = []
     for ax, model in zip(axes, models):
         rec = load(results, "dose", model, "diverse_dose")

@@ -21,7 +21,8 @@ from kvnotes import kv
 from kvnotes.attribution import agreement, splice_attribution
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
+from probes.common import (Split, boot_args, choose_readouts, end_states, margins, pair_row,  # noqa: F401
+                           prefill_pair, readout_key)
 
 PAPER_REFS = ["§9.2 batching", "Step 2 attribution patching"]
 KS = (1, 4, 8, 16)
@@ -64,12 +65,6 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
     }
 
 
-def _margin_rows(raw, ro, key) -> torch.Tensor:
-    idx = {t: i for i, t in enumerate(raw["token_ids"])}
-    rows = torch.tensor(raw[key], dtype=torch.float64)
-    return rows[idx[ro.safe_id]] - rows[idx[ro.unsafe_id]]
-
-
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
     """Agreement of AtP with exact splicing per pair, aggregated over included gated pairs (clustered bootstrap)."""
     split = Split(exclusion)
@@ -77,8 +72,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
         row = pair_row(inst, pairs_info[inst.id], raw, ro)
         delta = row["delta_m"]
-        exact_pos, atp_pos = _margin_rows(raw, ro, "exact_pos_delta"), _margin_rows(raw, ro, "atp_pos_delta")
-        exact_head, atp_head = _margin_rows(raw, ro, "exact_head_delta"), _margin_rows(raw, ro, "atp_head_delta")
+        exact_pos, atp_pos = (margins(raw, ro, k, token_dim=0) for k in ("exact_pos_delta", "atp_pos_delta"))
+        exact_head, atp_head = (margins(raw, ro, k, token_dim=0) for k in ("exact_head_delta", "atp_head_delta"))
         row.update({"positions": raw["positions"], "heads": raw["heads"],
                "exact_pos_delta_m": exact_pos.tolist(), "atp_pos_delta_m": atp_pos.tolist(),
                "exact_head_delta_m": exact_head.tolist(), "atp_head_delta_m": atp_head.tolist(),

@@ -74,6 +74,14 @@ def pair_row(inst, tokens: dict, raw, ro) -> dict:
             "delta_m": m["oracle"] - m["stale"], "dec_stale": dec["stale"], "dec_oracle": dec["oracle"]}
 
 
+def margins(raw, ro, key: str = "rows", token_dim: int = -1) -> torch.Tensor:
+    """m = logit(safe) - logit(unsafe) under readout `ro` for every row of candidate-token logits stored in
+    `raw[key]` (token ids in `raw["token_ids"]`, laid out along `token_dim`)."""
+    idx = {t: i for i, t in enumerate(raw["token_ids"])}
+    rows = torch.tensor(raw[key], dtype=torch.float64)
+    return rows.select(token_dim, idx[ro.safe_id]) - rows.select(token_dim, idx[ro.unsafe_id])
+
+
 def boot_args(stats: dict) -> dict:
     return {"n_boot": stats["n_boot"], "alpha": stats["alpha"], "seed": stats["seed"]}
 

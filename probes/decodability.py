@@ -240,14 +240,20 @@ def _check_features(x) -> torch.Tensor:
     return x
 
 
-def loso_logistic(x, y, groups, c: float = C_REG) -> torch.Tensor:
-    """Held-out P(label = 1) [P, B, n] of the standardised L2 logistic probe, leave-one-group-out.
-    x: [B, n, d] (or [n, d]); y: [P, n] (or [n]) labels in {0, 1}; groups: n scenario labels."""
+def _checked(x, y, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated features [B, n, d], labels [P, n], and the NaN-filled held-out output [P, B, n] of a LOSO probe."""
     x = _check_features(x)
     b_, n, _ = x.shape
     y = _check_labels(y, n)
     _check_groups(groups, n)
-    out = torch.full((y.shape[0], b_, n), float("nan"), dtype=torch.float64)
+    return x, y, torch.full((y.shape[0], b_, n), float("nan"), dtype=torch.float64)
+
+
+def loso_logistic(x, y, groups, c: float = C_REG) -> torch.Tensor:
+    """Held-out P(label = 1) [P, B, n] of the standardised L2 logistic probe, leave-one-group-out.
+    x: [B, n, d] (or [n, d]); y: [P, n] (or [n]) labels in {0, 1}; groups: n scenario labels."""
+    x, y, out = _checked(x, y, groups)
+    b_ = x.shape[0]
     for _, tr, te in loso_folds(groups):
         xtr, xte = _standardise(x[:, tr], x[:, te])
         z_tr, z_te, _ = _span_coordinates(xtr, xte)
@@ -264,11 +270,8 @@ def loso_logistic(x, y, groups, c: float = C_REG) -> torch.Tensor:
 def loso_diff_means(x, y, groups) -> torch.Tensor:
     """Held-out scores [P, B, n] of the difference-of-means probe (raw features, w = mu1 - mu0, threshold at the
     midpoint; score > 0 predicts 1), leave-one-group-out."""
-    x = _check_features(x)
-    b_, n, _ = x.shape
-    y = _check_labels(y, n)
-    _check_groups(groups, n)
-    out = torch.full((y.shape[0], b_, n), float("nan"), dtype=torch.float64)
+    x, y, out = _checked(x, y, groups)
+    b_ = x.shape[0]
     for _, tr, te in loso_folds(groups):
         ytr, xtr = y[:, tr], x[:, tr]
         n1, n0 = ytr.sum(1), (1 - ytr).sum(1)

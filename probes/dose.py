@@ -18,7 +18,7 @@ from kvnotes.attribution import spearman
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
 from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
-from probes.positions import margins
+from probes.common import margins
 
 PAPER_REFS = ["P7", "§3.7"]
 FRACS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)

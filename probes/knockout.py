@@ -77,12 +77,9 @@ def ablation_sources(cache, down: list, donors: list, seed: str) -> dict:
     return {"mean": mean, "resample": resample}
 
 
-def _attention_summary(attn: dict, rows: slice | list) -> dict:
-    """Per intervention: per-layer head-mean mass per group (+ self), KL to the unedited decode and entropy change."""
-    mass = attn["mass"][rows].mean(2)                  # [n, layers, G + 1]
-    kl = attn["kl"][rows].mean(2)
-    ent = attn["entropy"][rows].mean(2)
-    return {"mass": mass, "kl": kl, "entropy": ent}
+def _attention_summary(attn: dict) -> dict:
+    """Per intervention: per-layer head-mean mass per group (+ self), KL to the unedited decode, entropy."""
+    return {k: attn[k].mean(2) for k in ("mass", "kl", "entropy")}
 
 
 def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = False, n_random: int = 50,
@@ -132,7 +129,7 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
         splices = [Splice(tuple(pos), layers=layers, which="mask") if method == "mask" else
                    Splice(tuple(pos), layers=layers, source=method) for _, _, method, pos, layers in plan]
         logits, attn = engine.run([Splice(())] + splices, tokens=token_ids, attention_groups=groups)
-        summ = _attention_summary(attn, slice(None))
+        summ = _attention_summary(attn)
         entries = []
         for i, (kind, key, method, pos, layers) in enumerate(plan, start=1):
             e = {"kind": kind, "key": key, "method": method, "n_positions": len(pos),

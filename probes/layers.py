@@ -12,7 +12,7 @@ import time
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
 from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
-from probes.positions import margins
+from probes.common import margins
 
 PAPER_REFS = ["P3", "§3.3"]
 KINDS = ("single", "upto", "from")

@@ -18,7 +18,8 @@ import torch
 
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
+from probes.common import (Split, boot_args, choose_readouts, end_states, margins, pair_row,  # noqa: F401
+                           prefill_pair, readout_key)
 
 PAPER_REFS = ["P2", "§3.2"]
 
@@ -32,13 +33,6 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
     rows = engine.run([Splice((p,)) for p in range(a, dpos)], tokens=token_ids)
     return {"states": end_states(lm.model, stale, oracle, last, token_ids), "token_ids": token_ids,
             "positions": list(range(a, dpos)), "rows": rows.tolist(), "seconds": round(time.time() - t0, 3)}
-
-
-def margins(raw, ro) -> torch.Tensor:
-    """Margin of every spliced row of `raw` under readout `ro`."""
-    idx = {t: i for i, t in enumerate(raw["token_ids"])}
-    rows = torch.tensor(raw["rows"], dtype=torch.float64)
-    return rows[:, idx[ro.safe_id]] - rows[:, idx[ro.unsafe_id]]
 
 
 def region_of(regions: dict, p: int) -> str:

@@ -30,7 +30,7 @@ from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
 from probes.common import (Split, boot_args, choose_readouts, end_states, exclusion_reasons, null_band,  # noqa: F401
                            pair_row, prefill_pair, readout_key, state_logits)
-from probes.positions import margins
+from probes.common import margins
 
 PAPER_REFS = ["P4", "P5", "§3.4", "§3.5", "§3.12", "Fig3b"]
 KS = (1, 2, 4, 8, 16, 32, 64, 128)
