@@ -210,15 +210,8 @@ def _bar_gid(model: str, key: str) -> str:
     return f"{model}|{key}"
 
 
-def build_fig3a(records: dict[str, dict[str, dict | None]], models: list[str]) -> Figure:
-    """Draw Fig. 3a from loaded records: records[scenario][model] is a `load_locality_record` result or None."""
-    n_models = len(models)
-    n_metrics = len(FIG3A_METRICS)
-    group_w = 0.84
-    bar_w = group_w / n_metrics
-    offsets = [(-group_w / 2) + bar_w * (i + 0.5) for i in range(n_metrics)]
-
-    # Y range from the data (means and CI ends), with room above for the value labels; 0 and 1 always visible.
+def locality_y_range(records: dict[str, dict[str, dict | None]]) -> tuple[float, float]:
+    """Y range from the data (means and CI ends), with room above for the value labels; 0 and 1 always visible."""
     ends = [0.0, 1.0]
     for per_model in records.values():
         for rec in per_model.values():
@@ -226,58 +219,73 @@ def build_fig3a(records: dict[str, dict[str, dict | None]], models: list[str]) -
                 continue
             for m in rec["metrics"].values():
                 ends += [v for v in (m["mean"], m["lo"], m["hi"]) if v is not None]
-    y_lo = min(ends) - 0.12
-    y_hi = max(ends) + 0.30
+    return min(ends) - 0.12, max(ends) + 0.30
 
-    panel_w = max(3.4, 0.7 + 1.05 * n_models)
+
+def draw_locality_panel(ax, per_model: dict[str, dict | None], models: list[str], y_range: tuple[float, float],
+                        metrics=FIG3A_METRICS) -> None:
+    """Grouped recovery bars (one group per model, one bar per metric, bootstrap CIs) on one axis."""
+    group_w = 0.84
+    bar_w = group_w / len(metrics)
+    offsets = [(-group_w / 2) + bar_w * (i + 0.5) for i in range(len(metrics))]
+    y_lo, y_hi = y_range
+    ax.axhline(0.0, color=INK, lw=0.8, zorder=1)
+    ax.axhline(1.0, color=INK, lw=0.8, ls="--", zorder=1)
+    ticklabels = []
+    for gi, model in enumerate(models):
+        rec = per_model.get(model)
+        if rec is None:
+            ticklabels.append(f"{model}\nno record")
+            ax.text(gi, 0.5 * (y_lo + y_hi), "no record", ha="center", va="center", rotation=90,
+                    fontsize=7, style="italic", color=WONG["grey"])
+            continue
+        ticklabels.append(f"{model}\nn={rec['n_included']}/{rec['n_gated']} gated")
+        for (key, label, color), off in zip(metrics, offsets):
+            m = rec["metrics"][key]
+            x = gi + off
+            if m["n"] == 0:
+                ax.text(x, 0.02, "n=0", ha="center", va="bottom", rotation=90, fontsize=VALUE_LABEL_SIZE,
+                        color=INK)
+                continue
+            mean = m["mean"]
+            yerr = None
+            if m["lo"] is not None:
+                yerr = [[max(0.0, mean - m["lo"])], [max(0.0, m["hi"] - mean)]]
+            ax.bar(x, mean, width=bar_w, color=color, edgecolor="white", linewidth=0.5, yerr=yerr,
+                   error_kw={"elinewidth": 0.8, "capsize": 1.6, "capthick": 0.8, "ecolor": INK},
+                   gid=_bar_gid(model, key), zorder=2)
+            top = max(mean, m["hi"] if m["hi"] is not None else mean, 0.0)
+            ax.text(x, top + 0.02, f"{mean:.2f}", ha="center", va="bottom", rotation=90,
+                    fontsize=VALUE_LABEL_SIZE, color=INK)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(ticklabels)
+    ax.tick_params(axis="x", length=0)
+    ax.grid(axis="x", visible=False)
+    ax.set_xlim(-0.6, len(models) - 0.4)
+    ax.set_ylim(y_lo, y_hi)
+
+
+def locality_legend(fig: Figure, metrics=FIG3A_METRICS, ncol: int = 3) -> None:
+    """Legend from proxy patches (every metric listed even if no bar of it was drawn), outside the axes."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=c, edgecolor="white", label=lab) for _, lab, c in metrics]
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=7.5, handlelength=1.2,
+               columnspacing=1.4)
+
+
+def build_fig3a(records: dict[str, dict[str, dict | None]], models: list[str]) -> Figure:
+    """Draw Fig. 3a from loaded records: records[scenario][model] is a `load_locality_record` result or None."""
+    y_range = locality_y_range(records)
+    panel_w = max(3.4, 0.7 + 1.05 * len(models))
     fig = Figure(figsize=(2 * panel_w, 3.3), layout="constrained")
     fig.get_layout_engine().set(w_pad=0.05, h_pad=0.04)
     axes = fig.subplots(1, len(FIG3A_PANELS), sharey=True)
-
     for ax, (scenario, title) in zip(axes, FIG3A_PANELS):
         ax.set_title(title, loc="left", fontsize=8.5)
-        ax.axhline(0.0, color=INK, lw=0.8, zorder=1)
-        ax.axhline(1.0, color=INK, lw=0.8, ls="--", zorder=1)
-        ticklabels = []
-        for gi, model in enumerate(models):
-            rec = records[scenario].get(model)
-            if rec is None:
-                ticklabels.append(f"{model}\nno record")
-                ax.text(gi, 0.5 * (y_lo + y_hi), "no record", ha="center", va="center", rotation=90,
-                        fontsize=7, style="italic", color=WONG["grey"])
-                continue
-            ticklabels.append(f"{model}\nn={rec['n_included']}/{rec['n_gated']} gated")
-            for (key, label, color), off in zip(FIG3A_METRICS, offsets):
-                m = rec["metrics"][key]
-                x = gi + off
-                if m["n"] == 0:
-                    ax.text(x, 0.02, "n=0", ha="center", va="bottom", rotation=90, fontsize=VALUE_LABEL_SIZE,
-                            color=INK)
-                    continue
-                mean = m["mean"]
-                yerr = None
-                if m["lo"] is not None:
-                    yerr = [[max(0.0, mean - m["lo"])], [max(0.0, m["hi"] - mean)]]
-                ax.bar(x, mean, width=bar_w, color=color, edgecolor="white", linewidth=0.5, yerr=yerr,
-                       error_kw={"elinewidth": 0.8, "capsize": 1.6, "capthick": 0.8, "ecolor": INK},
-                       gid=_bar_gid(model, key), zorder=2)
-                top = max(mean, m["hi"] if m["hi"] is not None else mean, 0.0)
-                ax.text(x, top + 0.02, f"{mean:.2f}", ha="center", va="bottom", rotation=90,
-                        fontsize=VALUE_LABEL_SIZE, color=INK)
-        ax.set_xticks(range(n_models))
-        ax.set_xticklabels(ticklabels)
-        ax.tick_params(axis="x", length=0)
-        ax.grid(axis="x", visible=False)
-        ax.set_xlim(-0.6, n_models - 0.4)
-        ax.set_ylim(y_lo, y_hi)
+        draw_locality_panel(ax, records[scenario], models, y_range)
     axes[0].set_ylabel("decision recovery")
-
-    # Legend from proxy patches (every metric listed even if no bar of it was drawn), outside the axes.
-    from matplotlib.patches import Patch
-
-    handles = [Patch(facecolor=c, edgecolor="white", label=lab) for _, lab, c in FIG3A_METRICS]
-    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=7.5, handlelength=1.2,
-               columnspacing=1.4)
+    locality_legend(fig)
     return fig
 
 
@@ -313,7 +321,7 @@ def fig3a(results_dir, out_dir, models=None, return_fig: bool = False):
         pdf = out_dir / f"{FIG3A_STEM}.pdf"
         fig.savefig(png, dpi=150, bbox_inches="tight")
         print(f"wrote {png}")
-        fig.savefig(pdf, bbox_inches="tight")
+        fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None})   # byte-stable PDFs
         print(f"wrote {pdf}")
     return (png, fig) if return_fig else png
 

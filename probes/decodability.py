@@ -371,6 +371,23 @@ def _decisions_by_polarity(gated: list) -> dict:
     return out
 
 
+def minority_arms(rows: list) -> dict:
+    """The de-confounded test: held-out accuracy (at each anchor's best layer) on the arms whose conclusion equals
+    their field value (pairs with the rule inverted that the model follows), where the two targets disagree with the
+    majority relation, so a probe that only reads the field value is wrong on them. Reads record rows
+    (`labels`, `heldout_p_at_best_layer`), so a figure can recompute it from a record. Wilson CIs over arms."""
+    arms = [(r, arm) for r in rows if "heldout_p_at_best_layer" in r for arm in ("old", "new")
+            if r["labels"][arm]["conclusion"] == r["labels"][arm]["field_value"]]
+    out = {"n_arms": len(arms), "n_pairs": len({r["id"] for r, _ in arms}),
+           "arms": "conclusion == field_value (rule inverted and followed)", "accuracy": {}}
+    for anchor in ANCHORS:
+        out["accuracy"][anchor] = {
+            t: summarize_proportion([(r["heldout_p_at_best_layer"][anchor][t][arm] > 0.5) == bool(r["labels"][arm][t])
+                                     for r, arm in arms], [r["scenario"] for r, _ in arms])
+            for t in TARGETS} if arms else {}
+    return out
+
+
 def _empty_aggregate(reason: str) -> dict:
     return {"n_samples": 0, "note": reason, "logistic": {}, "diff_means": {}, "best_layer": {}, "write_depth": {},
             "field_value_depth": {}}
@@ -496,6 +513,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                                                            n_layers)
     for row in split.included:
         row["heldout_p_at_best_layer"] = heldout[row["id"]]
+    agg["minority_arms"] = minority_arms(split.included)
     sanity["null_seconds"] = round(t_null, 2)
     sanity["layer0_pointwise_accuracy"] = {
         a: {t: agg["logistic"][a][t][0]["mean"] for t in TARGETS} for a in ("field_line_end", "pre_decision",

@@ -241,6 +241,9 @@ def test_end_to_end_record_on_tiny_llama(tmp_path, monkeypatch, single_thread):
     assert set(agg["inclusion_by_polarity"]) == set(agg["decisions_by_polarity"]) == {"normal", "inverted"}
     for pol, d in agg["decisions_by_polarity"].items():
         assert d["follows_rule"]["n"] == 20 and set(d) == {"follows_rule", "follows_opposite_rule", "no_flip"}
+    # relaxed inclusion keeps the 20 inverted pairs: both arms of each have conclusion == field value
+    assert agg["minority_arms"] == dec.minority_arms(rec["instances"])
+    assert agg["minority_arms"]["n_arms"] == 40 and agg["minority_arms"]["n_pairs"] == 20
 
 
 def test_confounded_targets_are_reported_as_such():
@@ -248,3 +251,23 @@ def test_confounded_targets_are_reported_as_such():
     msg = dec._confounding(-1.0, {"normal": {"k": 8, "n": 20}, "inverted": {"k": 0, "n": 20}})
     assert "confounded" in msg and "inverted pairs included 0/20" in msg
     assert "polarity mixed" in dec._confounding(1.0)
+
+
+def test_minority_arms_score_only_the_arms_where_the_targets_agree():
+    def row(rid, pol, p_conc, p_val):   # a normal pair's arms are (1, 0) / (0, 1); an inverted pair's (1, 1) / (0, 0)
+        labels = {"old": {"conclusion": 1, "field_value": 0 if pol == "normal" else 1},
+                  "new": {"conclusion": 0, "field_value": 1 if pol == "normal" else 0}}
+        held = {a: {"conclusion": {"old": p_conc, "new": 1 - p_conc}, "field_value": {"old": p_val, "new": 1 - p_val}}
+                for a in dec.ANCHORS}
+        return {"id": rid, "scenario": rid[0], "labels": labels, "heldout_p_at_best_layer": held}
+
+    # a value-reading probe that follows the majority relation (value = not conclusion) is wrong on every minority arm
+    rows = [row("a1", "normal", 0.9, 0.1), row("b1", "inverted", 0.9, 0.1), row("c1", "inverted", 0.2, 0.9)]
+    out = dec.minority_arms(rows)
+    assert out["n_arms"] == 4 and out["n_pairs"] == 2
+    acc = out["accuracy"]["decision"]
+    assert (acc["conclusion"]["k"], acc["conclusion"]["n"]) == (2, 4)     # right on b1's arms, wrong on c1's
+    assert (acc["field_value"]["k"], acc["field_value"]["n"]) == (2, 4)   # wrong on b1's, right on c1's
+    assert dec.minority_arms([row("a1", "normal", 0.9, 0.1)]) == {
+        "n_arms": 0, "n_pairs": 0, "arms": "conclusion == field_value (rule inverted and followed)",
+        "accuracy": {a: {} for a in dec.ANCHORS}}
