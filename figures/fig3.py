@@ -38,7 +38,6 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from matplotlib.patches import Patch  # noqa: E402
 
-from probes.decodability import minority_arms  # noqa: E402
 from figures.make_figures import (DEFAULT_OUT, DEFAULT_RESULTS, FIG3A_METRICS, INK, STYLE, WONG,  # noqa: E402
                                  draw_locality_panel, load_locality_record, locality_y_range)
 
@@ -422,7 +421,7 @@ def fig_decodability(results: Path, out: Path, models: list[str]) -> Path:
     for axrow, (model, rec) in zip(axes, recs.items()):
         agg = rec["aggregate"]
         r = agg["targets"]["correlation"]
-        minority = agg.get("minority_arms") or minority_arms(rec["instances"])   # older records: from the rows
+        minority = agg["minority_arms"]
         for ax, anchor in zip(axrow, anchors):
             for target, color in (("conclusion", WONG["blue"]), ("field_value", WONG["orange"])):
                 curve = agg["logistic"][anchor][target]

@@ -82,6 +82,17 @@ def margins(raw, ro, key: str = "rows", token_dim: int = -1) -> torch.Tensor:
     return rows.select(token_dim, idx[ro.safe_id]) - rows.select(token_dim, idx[ro.unsafe_id])
 
 
+def recoveries(raw, ro, row: dict, key: str = "rows") -> torch.Tensor:
+    """Recovery (m - m_stale) / delta_m of every stored row of `raw[key]` (0 = the stale decode, 1 = the oracle's),
+    with m_stale and delta_m from the pair's `pair_row`; only defined when delta_m != 0."""
+    return (margins(raw, ro, key) - row["m_stale"]) / row["delta_m"]
+
+
+def band(li: int, n_layers: int) -> str:
+    """The relative-depth band of layer `li`: early / mid / late thirds of the network."""
+    return "early" if li < n_layers / 3 else "mid" if li < 2 * n_layers / 3 else "late"
+
+
 def boot_args(stats: dict) -> dict:
     return {"n_boot": stats["n_boot"], "alpha": stats["alpha"], "seed": stats["seed"]}
 

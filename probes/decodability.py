@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kvnotes.attribution import pearson
 from kvnotes.readout import candidate_logits
 from kvnotes.stats import summarize_proportion
 from probes.common import Split, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
@@ -316,13 +317,6 @@ def arm_labels(inst, arm: str) -> dict:
             "conclusion": int(restrictive), "field_value": int(normally_allowed)}
 
 
-def _correlation(a, b) -> float | None:
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def _curve(correct: torch.Tensor, groups: list, n_layers: int) -> list:
     """Per layer: {layer, depth, mean, ci (Wilson), n, per_scenario, ...} from correct [B, n]."""
     return [{"layer": li, "depth": round(li / n_layers, 4),
@@ -458,7 +452,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     allx = torch.from_numpy(np.stack(feats)).to(torch.float64)               # [n, A, L + 1, d]
     y = torch.tensor([ys[t] for t in TARGETS], dtype=torch.float64)          # [T, n]
     n = len(groups)
-    r = _correlation(ys["conclusion"], ys["field_value"])
+    r = pearson(ys["conclusion"], ys["field_value"])
     cells = {}
     for cval, fval in zip(ys["conclusion"], ys["field_value"]):
         key = f"conclusion={cval},field_value={fval}"

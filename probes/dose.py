@@ -17,8 +17,8 @@ import numpy as np
 from kvnotes.attribution import spearman
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
-from probes.common import margins
+from probes.common import (Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair,  # noqa: F401
+                           readout_key, recoveries)
 
 PAPER_REFS = ["P7", "§3.7"]
 FRACS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -47,9 +47,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                "distance": info["dpos"] - info["span"][1]}
         if row["level"] is None:
             raise ValueError(f"{inst.id} has no dose level: run probe=dose with scenario=diverse_dose")
-        dm = row["delta_m"]
-        if dm:
-            rec = ((margins(raw, ro) - row["m_stale"]) / dm).tolist()
+        if row["delta_m"]:
+            rec = recoveries(raw, ro, row).tolist()
             row.update({f"{s}_recovery": rec[i] for i, s in enumerate(SETS)})
             row["suffix"] = dict(zip(map(str, FRACS), rec[len(SETS):]))
             row["suffix_frac_for_80pct"] = next((f for f in FRACS if row["suffix"][str(f)] >= 0.8), 1.0)

@@ -32,7 +32,7 @@ import torch
 from kvnotes import kv
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize, summarize_proportion
-from probes.common import (Split, boot_args, choose_readouts, end_states, null_band, pair_row,  # noqa: F401
+from probes.common import (Split, band, boot_args, choose_readouts, end_states, null_band, pair_row,  # noqa: F401
                            prefill_pair, readout_key)
 
 PAPER_REFS = ["P6", "§3.6", "E1", "E2", "E4"]
@@ -44,11 +44,11 @@ GROUPS = ("sink", "prefix", "field", "downstream")
 RESAMPLE_DONORS = "prefix"   # records without this key resampled within the downstream: a no-op permutation, invalid
 
 
-def band_layers(band: str, n_layers: int) -> tuple:
-    if band == "all":
-        return tuple(range(n_layers))
-    lo, hi = {"early": (0, n_layers / 3), "mid": (n_layers / 3, 2 * n_layers / 3), "late": (2 * n_layers / 3, n_layers)}[band]
-    return tuple(li for li in range(n_layers) if lo <= li < hi)
+def band_layers(name: str, n_layers: int) -> tuple:
+    """The layers of band `name` (the layer sweep's early / mid / late thirds, or all)."""
+    if name not in BANDS:
+        raise KeyError(f"unknown layer band {name!r}; the bands are {BANDS}")
+    return tuple(li for li in range(n_layers) if name == "all" or band(li, n_layers) == name)
 
 
 def ablation_sources(cache, down: list, donors: list, seed: str) -> dict:
@@ -111,9 +111,9 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
             top = order[:math.ceil(f * len(down))]
             for method in METHODS:
                 plan.append(("graded", str(f), method, top, None))
-        for band in BANDS:
+        for name in BANDS:
             for method in METHODS:
-                plan.append(("band", band, method, down, band_layers(band, n_layers)))
+                plan.append(("band", name, method, down, band_layers(name, n_layers)))
         rng = random.Random(f"knockout-random:{seed}:{pair.instance.id}:{state}")
         for f in FRACS[1:-1]:
             target = sum(att_of[p] for p in order[:math.ceil(f * len(down))])
@@ -135,7 +135,8 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
             e = {"kind": kind, "key": key, "method": method, "n_positions": len(pos),
                  "logits": logits[i].tolist(),
                  "mass": summ["mass"][i].mean(0).tolist(),                     # mean over layers, per group
-                 "kl": float(summ["kl"][i].mean()), "entropy_change": float((summ["entropy"][i] - summ["entropy"][0]).mean())}
+                 "kl": float(summ["kl"][i].mean()),
+                 "entropy_change": float((summ["entropy"][i] - summ["entropy"][0]).mean())}
             if kind != "random":
                 e.update({"positions": list(pos), "layers": None if layers is None else list(layers),
                           "mass_by_layer": summ["mass"][i].tolist(), "kl_by_layer": summ["kl"][i].tolist()})

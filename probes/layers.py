@@ -11,8 +11,8 @@ import time
 
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
-from probes.common import margins
+from probes.common import (Split, band, boot_args, choose_readouts, end_states, pair_row,  # noqa: F401
+                           prefill_pair, readout_key, recoveries)
 
 PAPER_REFS = ["P3", "§3.3"]
 KINDS = ("single", "upto", "from")
@@ -23,10 +23,6 @@ def layer_splices(a: int, dpos: int, n_layers: int) -> list[Splice]:
     return ([Splice(pos, layers=(li,)) for li in range(n_layers)]
             + [Splice(pos, layers=tuple(range(li + 1))) for li in range(n_layers)]
             + [Splice(pos, layers=tuple(range(li, n_layers))) for li in range(n_layers)])
-
-
-def band(li: int, n_layers: int) -> str:
-    return "early" if li < n_layers / 3 else "mid" if li < 2 * n_layers / 3 else "late"
 
 
 def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = False) -> dict:
@@ -48,9 +44,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         n_layers = raw["n_layers"]
         row = pair_row(inst, pairs_info[inst.id], raw, ro)
         row["raw"] = {"token_ids": raw["token_ids"], "rows": raw["rows"]}
-        delta = row["delta_m"]
-        if delta:
-            rec = ((margins(raw, ro) - row["m_stale"]) / delta).view(len(KINDS), n_layers)
+        if row["delta_m"]:
+            rec = recoveries(raw, ro, row).view(len(KINDS), n_layers)
             row.update({kind: rec[i].tolist() for i, kind in enumerate(KINDS)})
             members = {b: [li for li in range(n_layers) if band(li, n_layers) == b] for b in ("early", "mid", "late")}
             row["band_recovery"] = {b: float(rec[0][ls].mean()) for b, ls in members.items() if ls}

@@ -18,8 +18,8 @@ import torch
 
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import (Split, boot_args, choose_readouts, end_states, margins, pair_row,  # noqa: F401
-                           prefill_pair, readout_key)
+from probes.common import (Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair,  # noqa: F401
+                           readout_key, recoveries)
 
 PAPER_REFS = ["P2", "§3.2"]
 
@@ -55,8 +55,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     for inst in instances:
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
         row = pair_row(inst, pairs_info[inst.id], raw, ro)
-        delta = row["delta_m"]
-        rec = (margins(raw, ro) - row["m_stale"]) / delta if delta else None
+        rec = recoveries(raw, ro, row) if row["delta_m"] else None
         regions = pairs_info[inst.id]["regions"]
         row.update({"positions": raw["positions"], "raw": {"token_ids": raw["token_ids"], "rows": raw["rows"]}})
         if rec is not None:

@@ -24,13 +24,10 @@ from __future__ import annotations
 import random
 import time
 
-import torch
-
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
 from probes.common import (Split, boot_args, choose_readouts, end_states, exclusion_reasons, null_band,  # noqa: F401
-                           pair_row, prefill_pair, readout_key, state_logits)
-from probes.common import margins
+                           pair_row, prefill_pair, readout_key, recoveries)
 
 PAPER_REFS = ["P4", "P5", "§3.4", "§3.5", "§3.12", "Fig3b"]
 KS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -47,10 +44,6 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
     rows = engine.run([Splice((p,)) for p in positions], tokens=token_ids)
     return {"states": end_states(lm.model, stale, oracle, last, token_ids), "token_ids": token_ids,
             "positions": positions, "rows": rows.tolist(), "seconds": round(time.time() - t0, 3)}
-
-
-def single_recovery(raw, ro, delta_m: float, m_stale: float) -> torch.Tensor:
-    return (margins(raw, ro) - m_stale) / delta_m
 
 
 # -- planning pass 2 ------------------------------------------------------------------------------------------------
@@ -96,12 +89,10 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
     single, include = {}, {}
     for inst in instances:
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
-        m = {s: ro.margin(state_logits(raw, s)) for s in ("stale", "oracle")}
-        dm = m["oracle"] - m["stale"]
-        dec = {s: ro.decision(state_logits(raw, s)) for s in ("stale", "oracle")}
-        include[inst.id] = inst.kind == "gated" and not exclusion_reasons(inst, dec["stale"], dec["oracle"], dm,
-                                                                           exclusion)
-        single[inst.id] = single_recovery(raw, ro, dm, m["stale"]).tolist() if dm else None
+        row = pair_row(inst, pairs_info[inst.id], raw, ro)
+        include[inst.id] = inst.kind == "gated" and not exclusion_reasons(inst, row["dec_stale"], row["dec_oracle"],
+                                                                           row["delta_m"], exclusion)
+        single[inst.id] = recoveries(raw, ro, row).tolist() if row["delta_m"] else None
     # cross-fitting material: included pairs' downstream single recoveries, keyed by role
     by_scenario = {}
     for inst in instances:
@@ -181,12 +172,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         row = pair_row(inst, pairs_info[inst.id], raw, ro)
         second, plan = raw["second"], raw["plan"]
         row["plan"] = {k: v for k, v in plan.items() if not k.startswith("null_")}
-        dm = row["delta_m"]
-        if dm:
-            rec = (margins(second, ro) - row["m_stale"]) / dm
-            of = {tuple(s): float(r) for s, r in zip(second["sets"], rec)}
-            single = single_recovery(raw, ro, dm, row["m_stale"])
-            row["single"] = dict(zip(map(str, raw["positions"]), single.tolist()))
+        if row["delta_m"]:
+            of = {tuple(s): float(r) for s, r in zip(second["sets"], recoveries(second, ro, row))}
+            row["single"] = dict(zip(map(str, raw["positions"]), recoveries(raw, ro, row).tolist()))
             for kind in SET_KINDS:
                 if kind in plan:
                     row[kind] = {k: of[tuple(s)] for k, s in plan[kind].items()}

@@ -15,11 +15,13 @@ RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "e
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("fig3")
+    # decodability needs >= 3 instances per domain for inverted-polarity pairs (the minority arms) to exist
     for args in (("probe=topk", "probe.n_null=10", "probe.n_uniform_null=5"), ("probe=knockout", "probe.n_random=4"),
                  ("probe=locality",), ("probe=positions",), ("probe=layers",), ("probe=dose", "scenario=diverse_dose"),
-                 ("probe=wording",),
-                 ("probe=decodability", "scenario=diverse_polarity")):
+                 ("probe=wording",)):
         run_module.run(_cfg(root, "model=tiny-llama", "n_instances=1", *args, *RELAXED))
+    run_module.run(_cfg(root, "model=tiny-llama", "n_instances=3", "probe=decodability", "scenario=diverse_polarity",
+                        *RELAXED))
     return root
 
 
@@ -60,6 +62,13 @@ def test_figures_and_tables_show_the_record_numbers(results, tmp_path):
     for row in _rows(tmp_path / "fig3d_wording.csv"):
         want = wd["aggregate"]["p_decision_is_new_action"][row["setting"]][labels[row["variant"]]]
         assert float(row["p_new"]) == pytest.approx(want["mean"]) and int(row["n"]) == want["n"]
+    minority = json.loads((results / "decodability" / "tiny-llama" / "diverse_polarity.json").read_text())[
+        "aggregate"]["minority_arms"]
+    shown = [r for r in _rows(tmp_path / "fig_decodability.csv") if r["target"].endswith(", minority arms")]
+    assert len(shown) == sum(len(v) for v in minority["accuracy"].values()) > 0
+    for row in shown:
+        want = minority["accuracy"][row["anchor"]][row["target"].split(",")[0]]
+        assert float(row["accuracy"]) == pytest.approx(want["mean"]) and int(row["n"]) == want["n"]
 
 
 def test_composite_fig3_shows_the_record_numbers_of_every_panel(results, tmp_path):
