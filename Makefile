@@ -33,3 +33,4 @@ test: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) figures/make_figures.py
+	$(PY) -m figures.fig3
