@@ -5,8 +5,9 @@ wording (redundant notes ~1.0, "re-evaluate from scratch" 0.81), arguing that th
 the decision is the greedy one-word readout decision, as in every other probe (no chain of thought on this CPU).
 
 Each wording (the variant table of configs/probe/wording.yaml: templates over {field}, {old}, {new}) goes in as its
-own paragraph between the record and the request (diverse, after_rule), at the start of the user message (diverse,
-before_rule: the record is in the system message), or right before the TASK block (family_a; the paper's place).
+own paragraph at the site the scenario generator marks (`Instance.note_at`): right before the request paragraph
+(diverse, every layout; for rule_first between the record and the request) or right before the TASK block
+(family_a; the paper's place).
 Two settings per wording:
 
   oracle   the prompt already holds the NEW value, plus the note (the paper's setting)
@@ -32,14 +33,13 @@ from kvnotes.models import REPO_ROOT
 from kvnotes.readout import candidate_logits
 from kvnotes.stats import summarize, summarize_proportion
 from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
-from scenarios import diverse, family_a
 from scenarios.render import render_text, tokenize
 
 PAPER_REFS = ["P9", "§3.9", "Fig. 3d"]
 CONFIG = REPO_ROOT / "configs" / "probe" / "wording.yaml"
 SETTINGS = ("oracle", "stale")
 PLACEHOLDERS = ("field", "old", "new")
-SUPPORTED = "diverse (placement after_rule or before_rule) and family_a"
+SUPPORTED = "diverse (every layout) and family_a"
 OPTIONS = ("variants", "baseline", "paired_test")   # the probe options measure() takes from the probe config
 
 
@@ -90,48 +90,29 @@ def update_text(variants: dict, key: str, field: str, old: str, new: str) -> str
 
 # ---------------------------------------------------------------- where the note goes
 def insertion_site(inst) -> str:
-    """"diverse/after_rule", "diverse/before_rule" or "family_a"; UnsupportedFamilyError for anything else."""
-    v = inst.variant or {}
-    msgs = inst.old_messages
-    if v.get("domain") in diverse.DOMAINS and "placement" in v:
-        if v["placement"] in ("after_rule", "before_rule"):
-            return f"diverse/{v['placement']}"
-        raise UnsupportedFamilyError(f"{inst.id}: diverse placement {v['placement']!r} has no insertion point for "
-                                     f"the wording probe; supported: {SUPPORTED}")
-    if len(msgs) == 1 and msgs[0]["role"] == "user" and msgs[0]["content"].endswith("\n\n" + family_a.TASK_BLOCK):
-        return "family_a"
-    raise UnsupportedFamilyError(f"{inst.id} (scenario {inst.scenario!r}): cannot place an update note in this "
-                                 f"prompt; the wording probe supports {SUPPORTED}")
+    """Where the note goes, as recorded: "<layout>/message <i>" (the scenario generator marks the site in
+    `Instance.note_at`: the start of the request paragraph, or of the TASK block in family_a). UnsupportedFamilyError
+    for an instance whose generator marked no site."""
+    if not inst.note_at:
+        raise UnsupportedFamilyError(f"{inst.id} (scenario {inst.scenario!r}): its generator marked no update-note "
+                                     f"site (Instance.note_at); the wording probe supports {SUPPORTED}")
+    layout = (inst.variant or {}).get("layout", "family_a" if inst.suffix else "unknown")
+    return f"{layout}/message {inst.note_at[0][0]}"
 
 
 def insert_update(inst, messages, text: str | None) -> tuple:
-    """`messages` with `text` as its own paragraph right before the request (or the TASK block); unchanged for None."""
-    site = insertion_site(inst)
+    """`messages` (the instance's old or new messages) with `text` as its own paragraph at the generator's note site
+    (`text + "\\n\\n"` inserted there); unchanged for None."""
+    insertion_site(inst)
     if text is None:
         return tuple(messages)
+    arm = 0 if tuple(messages) == tuple(inst.old_messages) else 1
+    if arm == 1 and tuple(messages) != tuple(inst.new_messages):
+        raise ValueError(f"{inst.id}: insert_update takes the instance's own old or new messages")
+    mi, at = inst.note_at[arm]
     msgs = [dict(m) for m in messages]
-    user = msgs[-1]
-    if user["role"] != "user":
-        raise UnsupportedFamilyError(f"{inst.id}: the last message is {user['role']!r}, not the user's")
-    c = user["content"]
-    if site == "family_a":
-        i = c.rindex("\n\n" + family_a.TASK_BLOCK) + 2
-        user["content"] = c[:i] + text + "\n\n" + c[i:]
-    else:
-        allow = diverse.DOMAINS[inst.variant["domain"]][5]
-        answer = f"Answer with one word, {allow} or deny."
-        if site == "diverse/after_rule":
-            record, sep, ask = c.rpartition("\n\n")
-            header = diverse.DOMAINS[inst.variant["domain"]][1]
-            if not (sep and record.startswith(header) and ask.count("\n") == 1 and ask.endswith(answer)):
-                raise UnsupportedFamilyError(f"{inst.id}: the user message is not `record + blank line + request`; "
-                                             f"cannot place the note")
-            user["content"] = record + "\n\n" + text + "\n\n" + ask
-        else:
-            if "\n\n" in c or not c.endswith(answer):
-                raise UnsupportedFamilyError(f"{inst.id}: the user message is not the bare request; cannot place "
-                                             f"the note")
-            user["content"] = text + "\n\n" + c
+    c = msgs[mi]["content"]
+    msgs[mi]["content"] = c[:at] + text + "\n\n" + c[at:]
     return tuple(msgs)
 
 

@@ -1,87 +1,72 @@
-"""Fine token regions of a rendered prompt, read off the text so that a bin means what its name says.
+"""Fine token regions of a rendered prompt, from the spans the scenario generator wrote (scenarios.base.Text).
 
-Every prompt line of every message is labelled by what it is (role line, gate rule, neutral "filler" rule, record
-line, the field's line, tools, conversation, task instruction); characters outside the message contents (chat markup,
+Every character of every message content carries the label of the piece the generator wrote there (role line, gate
+rule, neutral "filler" rules, record lines, the field's line, the changing value, tools, conversation, task; other
+gates' rules and fields when a policy has several gates); characters outside the message contents (chat markup,
 BOS, the forced suffix) are `template`. A token takes the label of the character it starts at (its first non-space
-character, so a leading-space token belongs to the word it carries); the field value's span is `field` and the last
-prompt token is `decision`. Blank lines belong to the line before them and end a record block.
+character, so a leading-space token belongs to the word it carries); the token span that differs between the arms
+is `field` and the last prompt token is `decision`.
 
 Labels are per token position (regions need not be contiguous: a record has lines before and after the field).
+Nothing is inferred from the text: an instance without generator spans, or spans that do not cover a message
+exactly, raise ValueError.
 """
 from __future__ import annotations
 
-import re
-
 LABELS = ("template", "role", "gate", "filler_rules", "record", "field_line", "field", "tools", "conversation",
-          "task", "decision")
-
-_HEADERS = {  # a header line opens a block; lines in the block get the block's label unless a line rule applies
-    "policy": re.compile(r"^(Policy:|POLICY DOCUMENT)"),
-    "record": re.compile(r"^(SESSION CONTEXT|[A-Z]+( [A-Z]+)* (RECORD|REQUEST|PROFILE|STATUS))$"),
-    "tools": re.compile(r"^AVAILABLE TOOLS"),
-    "conversation": re.compile(r"^CONVERSATION"),
-    "task": re.compile(r"^TASK$"),
-}
-_BLOCK_LABEL = {"policy": "filler_rules", "record": "record", "tools": "tools", "conversation": "conversation",
-                "task": "task", None: "conversation"}
+          "task", "decision", "other_gate", "other_field")
 
 
-def line_labels(content: str, field: str, value: str) -> list[str]:
-    """Label of each line of one message (split on "\\n"); a block never spans two messages."""
-    labels, block = [], None
-    for line in content.split("\n"):
-        s = line.strip()
-        for name, pat in _HEADERS.items():
-            if pat.match(s):
-                block = name
-                break
-        if not s:
-            label = labels[-1] if labels else "template"
-            if block == "record":      # a blank line ends a record; what follows is the conversation
-                block = None
-        elif s.startswith(f"{field}: {value}"):
-            label = "field_line"
-        elif re.search(rf"\b{re.escape(field)}\b", s) and not re.match(r"^\w+: ", s):
-            label = "gate"        # a rule that names the field (record lines "key: value" are not rules)
-        elif s.startswith("You are "):
-            label = "role"
-        elif s.startswith("Answer with") or s.startswith("Decide the") or s.startswith("Next action"):
-            label = "task"
-        elif block == "policy" or re.match(r"^R\d+\. ", s):
-            label = "filler_rules"
-        else:
-            label = _BLOCK_LABEL[block]
-        labels.append(label)
-    return labels
-
-
-def char_labels(text: str, messages, field: str, value: str) -> list[str]:
-    """One label per character of the rendered `text` (message contents found in order; the rest is template)."""
-    out = ["template"] * len(text)
-    start = 0
+def content_offsets(text: str, messages) -> list[int]:
+    """Where each message's content starts in the rendered `text` (found in order); ValueError if one is missing."""
+    out, start = [], 0
     for m in messages:
-        content = m["content"]
-        at = text.find(content, start)
+        at = text.find(m["content"], start)
         if at < 0:
             raise ValueError("a message's content does not occur verbatim in the rendered prompt; "
                              "cannot place the fine regions")
-        labels = line_labels(content, field, value)
-        pos = at
-        for line, label in zip(content.split("\n"), labels):
-            for i in range(pos, min(pos + len(line) + 1, at + len(content))):  # the line and its newline
-                out[i] = label
-            pos += len(line) + 1
-        start = at + len(content)
+        out.append(at)
+        start = at + len(m["content"])
+    return out
+
+
+def check_spans(messages, spans, where: str = "") -> None:
+    """Each message's spans must tile its content: contiguous, in order, known labels, nothing left unlabelled."""
+    if len(spans) != len(messages):
+        raise ValueError(f"{where}: {len(spans)} span lists for {len(messages)} messages; a scenario family must "
+                         f"write every message with scenarios.base.Text")
+    for i, (m, sp) in enumerate(zip(messages, spans)):
+        pos = 0
+        for s, e, label in sp:
+            if s != pos or e < s:
+                raise ValueError(f"{where}: message {i} has unlabelled or overlapping characters at {pos}..{s}")
+            if label not in LABELS:
+                raise ValueError(f"{where}: unknown region label {label!r}; known: {LABELS}")
+            pos = e
+        if pos != len(m["content"]):
+            raise ValueError(f"{where}: message {i} has {len(m['content']) - pos} unlabelled characters at its end")
+
+
+def char_labels(text: str, messages, spans) -> list[str]:
+    """One label per character of the rendered `text`: the generator's spans inside the message contents,
+    `template` outside them."""
+    out = ["template"] * len(text)
+    for at, sp in zip(content_offsets(text, messages), spans):
+        for s, e, label in sp:
+            out[at + s:at + e] = [label] * (e - s)
     return out
 
 
 def token_labels(pair, tokenizer, prepend_bos: bool) -> list[str]:
     """Fine label of every token position of the old prompt of an aligned pair (see the module docstring)."""
     inst = pair.instance
+    if not inst.spans:
+        raise ValueError(f"{inst.id}: the instance carries no generator spans; a scenario family must write its "
+                         f"messages with scenarios.base.Text so that every token has a region")
+    check_spans(inst.old_messages, inst.spans, inst.id)
     text = pair.text_old
-    chars = char_labels(text, inst.old_messages, inst.field, inst.old_value)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    chars = char_labels(text, inst.old_messages, inst.spans)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     labels = ["template"] if prepend_bos else []
     for lo, hi in offsets:
         i = lo

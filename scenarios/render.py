@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from scenarios.base import Instance
-from scenarios.regions import token_labels
+from scenarios.regions import content_offsets, token_labels
 
 
 class AlignmentError(ValueError):
@@ -81,6 +81,33 @@ def tokenize(text: str, tokenizer, prepend_bos: bool) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_value_span(instance: Instance, tokenizer, texts, ids, span, prepend_bos: bool, where: str) -> None:
+    """The differing tokens [a, b) must cover characters of the two values only: a token that also carries a
+    neighbour's characters (punctuation, a newline, part of the next word: `pending.` vs `pending!` at a line end
+    differs in the single token '.\\n') would make the "field" splice something else. One space right before a value
+    may ride on its first token (the word-boundary space of BPE / SentencePiece tokens). Raises AlignmentError naming
+    both values and the offending tokens. Instances without `value_at` (no generator marks) are not checked."""
+    if not instance.value_at:
+        return
+    a, b = span
+    shift = 1 if prepend_bos else 0
+    for arm, text, tok_ids, (mi, vs, ve), msgs in zip(("old", "new"), texts, ids, instance.value_at,
+                                                       (instance.old_messages, instance.new_messages)):
+        at = content_offsets(text, msgs)[mi]
+        lo_ok, hi_ok = at + vs, at + ve
+        if lo_ok > 0 and text[lo_ok - 1] == " ":
+            lo_ok -= 1
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        bad = [(i + shift, text[lo:hi]) for i, (lo, hi) in enumerate(offsets)
+               if a <= i + shift < b and (lo < lo_ok or hi > hi_ok)]
+        if bad:
+            toks = tokenizer.convert_ids_to_tokens(tok_ids[a:b].tolist())
+            raise AlignmentError(
+                f"{where}: the differing tokens {toks} ({arm} arm) cover characters outside the value "
+                f"{text[at + vs:at + ve]!r}: {[t for _, t in bad]}. The \"field\" splice would edit a neighbour too; "
+                f"choose values (or surrounding text) that tokenize apart from their neighbours for this model.")
+
+
 def align(instance: Instance, tokenizer, prepend_bos: bool = False, plain_prompt: dict | None = None) -> AlignedPair:
     text_old = render_text(instance.old_messages, tokenizer, plain_prompt, instance.suffix)
     text_new = render_text(instance.new_messages, tokenizer, plain_prompt, instance.suffix)
@@ -105,6 +132,7 @@ def align(instance: Instance, tokenizer, prepend_bos: bool = False, plain_prompt
             f"{tokenizer.convert_ids_to_tokens(new[a:b_new].tolist())}). Choose values that tokenize to equal lengths "
             f"for this model.")
     b = b_old
+    check_value_span(instance, tokenizer, (text_old, text_new), (old, new), (a, b), prepend_bos, where)
     if b >= n_old - 1:
         raise AlignmentError(f"{where}: the differing span reaches the decision token; nothing lies downstream")
     line_end = b

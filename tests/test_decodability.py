@@ -40,12 +40,8 @@ def _gate_value(inst, arm) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- polarity
-def test_normal_polarity_reproduces_the_instances_before_the_option():
-    # fingerprints of the instances the generator produced before `polarity` existed (same code path otherwise)
-    assert _fingerprint(diverse.make_instances(4, 0)) == \
-        "6b1a8d4235d4faa006146b694a7db31e68fbcf75c18389c860ad9b2239c98258"
-    assert _fingerprint(diverse.make_instances(3, 5, placement="before_rule", polarity="normal")) == \
-        "23e4383ce48157309ffe3ee062d732fac6fa4d43f94b0e349b30a5e1408a224b"
+def test_normal_polarity_leaves_the_instances_unmarked():
+    # byte-identity of the prompts with the steps 1-3 generator: tests/test_scenarios.py (STEP3 fingerprints)
     assert all("polarity" not in i.variant for i in diverse.make_instances(2, 0))
 
 
@@ -56,24 +52,29 @@ def test_inverted_polarity_swaps_the_rule_and_the_implied_decisions():
         if n.kind == "control":       # controls keep the normal rule
             assert i.old_messages == n.old_messages and i.variant["polarity"] == "normal"
             continue
-        _, _, _, allowed, disallowed, allow, _, _ = diverse.DOMAINS[n.scenario]
+        d = diverse.domains()[n.scenario]
+        allowed, disallowed, allow = d.allowed, d.disallowed, d.allow
         assert (i.old_value, i.new_value) == (n.old_value, n.new_value) and i.variant["polarity"] == "inverted"
         assert _gate_value(n, "old") == allowed and _gate_value(i, "old") == disallowed
         assert (i.expected_old, i.expected_new) == (n.expected_new, n.expected_old)  # each value now implies the other
-        assert i.expected_old == (allow if i.old_value == disallowed else "deny")
+        assert i.expected_old == (allow if i.old_value == disallowed else d.refuse)
         # only the rule line differs; the rest of the prompt (surface, record, request) is the same
         for mn, mi in zip(n.old_messages, i.old_messages):
             diff = [(a, b) for a, b in zip(mn["content"].splitlines(), mi["content"].splitlines()) if a != b]
             assert len(diff) <= 1 and all("only if" in a for a, _ in diff)
 
 
-def test_rule_inversion_matches_whole_words_only(monkeypatch):
-    monkeypatch.setitem(diverse.DOMAINS, "toy", ("an agent", "REC", "flag", "yes", "no", "go",
-                                                 "Go only if flag is yes. Do not note it; if flag is no, deny.", ()))
-    assert diverse.rule_text("toy", "inverted") == "Go only if flag is no. Do not note it; if flag is yes, deny."
-    monkeypatch.setitem(diverse.DOMAINS, "bad", ("an agent", "REC", "flag", "yes", "no", "go", "Always go.", ()))
+def test_rule_inversion_matches_whole_words_only():
+    from scenarios.domains import parse_domain
+    doc = {"agent": "an agent", "record": {"header": "REC", "lines": ["channel: {channel}"]}, "field": "flag",
+           "values": {"allowed": "yes", "disallowed": "no"}, "answers": {"allow": "go", "refuse": "deny"},
+           "rule": "Go only if flag is yes. Do not note it; if flag is no, deny.", "requests": ["a", "b", "c"]}
+    assert parse_domain("toy", doc).rule_text("inverted") == \
+        "Go only if flag is no. Do not note it; if flag is yes, deny."
     with pytest.raises(ValueError, match="names neither"):
-        diverse.rule_text("bad", "inverted")
+        parse_domain("bad", {**doc, "rule": "Always go."}).rule_text("inverted")
+    assert parse_domain("own", {**doc, "rule": "Always go.", "rule_inverted": "Never go."}).rule_text("inverted") \
+        == "Never go."
     with pytest.raises(ValueError, match="polarity must be one of"):
         diverse.make_instances(1, 0, polarity="upside_down")
 
@@ -81,7 +82,7 @@ def test_rule_inversion_matches_whole_words_only(monkeypatch):
 def test_mixed_polarity_fills_every_cell_and_decorrelates_the_targets():
     insts = diverse.make_instances(4, 0, polarity="mixed")
     labels = [dec.arm_labels(i, arm) for i in insts if i.kind == "gated" for arm in ("old", "new")]
-    for domain in diverse.DOMAINS:
+    for domain in diverse.domains():
         cells = {(lab["value"], lab["polarity"]) for i in insts if i.scenario == domain
                  for lab in (dec.arm_labels(i, "old"), dec.arm_labels(i, "new"))}
         assert len(cells) == 4, (domain, cells)

@@ -91,7 +91,9 @@ def _with_new_value(inst, new_value):
         n_replaced += m["content"].count(old_line)
         new_messages.append({**m, "content": m["content"].replace(old_line, f"{inst.field}: {new_value}")})
     assert n_replaced == 1
-    return dataclasses.replace(inst, new_value=new_value, new_messages=tuple(new_messages))
+    (mi, s, _), _ = inst.value_at          # the generator's mark of the value, moved to the new value's length
+    return dataclasses.replace(inst, new_value=new_value, new_messages=tuple(new_messages),
+                               value_at=(inst.value_at[0], (mi, s, s + len(new_value))))
 
 
 def test_values_of_different_token_lengths_raise_with_a_precise_message(tiny, all_instances):

@@ -10,7 +10,7 @@ from kvnotes import kv
 from kvnotes.models import load_model
 from probes import topk
 from scenarios import make_instances
-from scenarios.regions import LABELS, line_labels, token_labels
+from scenarios.regions import LABELS, token_labels
 from scenarios.render import align
 from test_run import _cfg
 
@@ -113,15 +113,17 @@ def test_fine_labels_name_what_the_text_is(name):
     assert "im_start" in text_of("template") or "start_of_turn" in text_of("template")
 
 
-def test_line_labels_of_a_tool_call_prompt():
-    content = ("You are an agent.\n\nSESSION CONTEXT\nrole: admin\nchannel: web\n\nPOLICY DOCUMENT\n"
-               "ACCESS RULE (binding): If role is admin, act.\nR1. Be nice.\n\nAVAILABLE TOOLS\n- refuse(reason)\n\n"
-               "CONVERSATION SO FAR\nuser: hi\n\nTASK\nDecide the single next tool call.\nNext action:")
-    got = dict(zip(content.split("\n"), line_labels(content, "role", "admin")))
-    assert got["role: admin"] == "field_line" and got["channel: web"] == "record"
-    assert got["ACCESS RULE (binding): If role is admin, act."] == "gate"
-    assert got["R1. Be nice."] == "filler_rules" and got["- refuse(reason)"] == "tools"
-    assert got["user: hi"] == "conversation" and got["Next action:"] == "task"
+def test_fine_labels_of_a_tool_call_prompt():
+    lm = load_model("tiny-llama")
+    pair = align(make_instances("family_a", n_instances=1, seed=0)[0], lm.tokenizer, False, None)
+    labels = token_labels(pair, lm.tokenizer, False)
+    toks = lm.tokenizer.convert_ids_to_tokens(pair.old_ids.tolist())
+    text_of = lambda lab: " ".join(t for t, x in zip(toks, labels) if x == lab)   # noqa: E731
+    assert "SESSION" in text_of("record") and "agent" in text_of("record")
+    assert "ACCESS" in text_of("gate") and "R1" in text_of("filler_rules") and "refuse" in text_of("tools")
+    assert "CONVERSATION" in text_of("conversation") and "TASK" in text_of("task")
+    a, b = pair.span
+    assert labels[a:b] == ["field"] * (b - a) and text_of("field_line").startswith("account _ role :")
 
 
 def test_fine_labels_refuse_a_prompt_that_does_not_contain_its_messages():

@@ -43,7 +43,7 @@ def _tokens(lm, inst):
 def _request(inst) -> str:
     """The request line of a diverse instance, rebuilt from the generator's tables (not from the prompt)."""
     v = inst.variant
-    return diverse.DOMAINS[v["domain"]][7][v["request_variant"]].format(name=v["name"], oid=v["oid"])
+    return diverse.domains()[v["domain"]].requests[v["request_variant"]].format(name=v["name"], oid=v["oid"])
 
 
 @pytest.mark.parametrize("setting", wording.SETTINGS)
@@ -147,15 +147,24 @@ def test_unknown_variant_and_bad_options_are_clear_errors():
 
 
 def test_unsupported_family_is_a_clear_error():
-    inst = make_instances("diverse", n_instances=1, seed=0)[0]
-    odd = dataclasses.replace(inst, variant={**inst.variant, "placement": "middle"})
-    with pytest.raises(wording.UnsupportedFamilyError, match="placement 'middle'.*supported: diverse"):
-        wording.insert_update(odd, odd.old_messages, "NOTE.")
     msgs = ({"role": "user", "content": "status: open\nDo it? Answer yes or no."},)
     other = Instance("x/000", "x", "gated", "status", "open", "closed", msgs, msgs, "no", "yes", "yes", "no",
                      ("yes", "no"))
-    with pytest.raises(wording.UnsupportedFamilyError, match="supports diverse .* and family_a"):
+    with pytest.raises(wording.UnsupportedFamilyError, match="marked no update-note site.*supports diverse"):
         wording.insertion_site(other)
+    with pytest.raises(wording.UnsupportedFamilyError, match="marked no update-note site"):
+        wording.insert_update(other, other.old_messages, "NOTE.")
+
+
+@pytest.mark.parametrize("layout", ["field_first_user", "record_assistant_turn", "family_a_blocks"])
+def test_note_goes_before_the_request_in_every_layout(layout):
+    inst = make_instances("diverse", n_instances=1, seed=0, layout=layout, domains=["order_cancel"], controls=0)[0]
+    for msgs in (inst.old_messages, inst.new_messages):
+        out = wording.insert_update(inst, msgs, "NOTE.")
+        joined = "\n".join(m["content"] for m in out)
+        assert joined.replace("NOTE.\n\n", "", 1) == "\n".join(m["content"] for m in msgs)
+        assert f"NOTE.\n\n{_request(inst)}\nAnswer with one word" in joined
+    assert wording.insertion_site(inst) == f"{layout}/message {inst.note_at[0][0]}"
 
 
 def test_mcnemar_exact():
@@ -195,5 +204,5 @@ def test_record_layout(record):
         assert {"p_exact_two_sided", "n_discordant", "wilson_cis_overlap", "method"} <= set(w16)
         assert agg["control_p_decision_is_expected"][s]["none"]["n"] == 1
     for row in record["instances"]:
-        assert set(row["wording"]["stale"]) == set(keys) and row["site"] == "diverse/after_rule"
+        assert set(row["wording"]["stale"]) == set(keys) and row["site"] == "rule_first/message 1"
         assert set(row["raw"]["wording"]["oracle"][keys[0]]) == {"logits", "lse"}
