@@ -42,6 +42,18 @@ def exclusion_reasons(inst, dec_stale: str, dec_oracle: str, delta_m: float, rul
     return reasons
 
 
+def flip_direction(inst) -> str | None:
+    """"allow->refuse" (the new value implies the restrictive answer), "refuse->allow", or None for a pair whose
+    values imply the same answer (controls)."""
+    if inst.expected_old == inst.expected_new:
+        return None
+    return "allow->refuse" if inst.expected_new == inst.safe else "refuse->allow"
+
+
+DIRECTIONS = ("allow->refuse", "refuse->allow")
+RELAXED_TAU = 0.5   # the second inclusion level: every gated pair with |delta m| >= 0.5, flipping or not (issue 10 §3)
+
+
 def readout_key(inst) -> tuple:
     return (tuple(inst.candidates), inst.safe, inst.unsafe)
 
@@ -134,6 +146,23 @@ class Split:
         if self.excluded and not self.included:
             return f"no gated pair passes the inclusion rule; per-pair {what} are recorded but not aggregated"
         return None
+
+    def relaxed(self, tau: float = RELAXED_TAU) -> list:
+        """Every gated row (included or excluded) with |delta m| >= tau: a regime where the model rarely flips is not
+        judged by its few flipping pairs alone."""
+        return [r for r in self.included + self.excluded if abs(r["delta_m"]) >= tau]
+
+    def slices(self, tau: float = RELAXED_TAU) -> dict:
+        """The row sets every recovery is reported over: "included" (the inclusion rule), each flip direction of the
+        included rows, and "abs_delta_m_ge_<tau>" with its directions. Rows need a "direction" key."""
+        out = {"included": self.included}
+        relaxed = self.relaxed(tau)
+        for d in DIRECTIONS:
+            out[f"included/{d}"] = [r for r in self.included if r.get("direction") == d]
+        out[f"abs_delta_m_ge_{tau:g}"] = relaxed
+        for d in DIRECTIONS:
+            out[f"abs_delta_m_ge_{tau:g}/{d}"] = [r for r in relaxed if r.get("direction") == d]
+        return out
 
     def parts(self) -> dict:
         return {"instances": self.included, "excluded": self.excluded, "controls": self.controls}

@@ -18,8 +18,9 @@ import time
 from kvnotes import kv
 from kvnotes.readout import Readout, candidate_logits
 from kvnotes.stats import summarize, summarize_proportion
-from probes.common import Split, boot_args, choose_readouts, prefill_pair, readout_key  # noqa: F401 (run.py calls
-from probes.common import state_logits as _logits                                      # choose_readouts)
+from probes.common import (RELAXED_TAU, Split, boot_args, choose_readouts, flip_direction, prefill_pair,  # noqa: F401
+                           readout_key)
+from probes.common import state_logits as _logits
 
 PAPER_REFS = ["Fig3a", "P1"]
 
@@ -73,7 +74,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         row = {**inst.record_id(), "tokens": pairs_info[inst.id],
                "expected_old": inst.expected_old, "expected_new": inst.expected_new,
                "m_stale": m["stale"], "m_oracle": m["oracle"], "delta_m": delta,
-               "dec_stale": dec["stale"], "dec_oracle": dec["oracle"], "m": m, "decision": dec, "mass": mass,
+               "dec_stale": dec["stale"], "dec_oracle": dec["oracle"], "direction": flip_direction(inst),
+               "m": m, "decision": dec, "mass": mass,
                "full_equals_oracle_max_abs": raw["full_equals_oracle_max_abs"],
                "raw": raw["states"]}   # candidate-token logits + logsumexp per state: re-analysable without the model
         if "decode_vs_forward_max_abs" in raw:
@@ -92,6 +94,18 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     for name, s in (("field_only_new_decision_rate", "field"), ("field_line_new_decision_rate", "field_line"),
                     ("downstream_only_new_decision_rate", "downstream")):
         agg[name] = summarize_proportion([r["decision"][s] == r["dec_oracle"] for r in included], clusters)
+    # the same recoveries and new-decision rates by flip direction, and over every gated pair with |delta m| >= 0.5
+    tau = stats.get("relaxed_min_abs_delta_m", RELAXED_TAU)
+    agg["slices"] = {}
+    for name, rows in split.slices(tau).items():
+        if name == "included":
+            continue
+        cl = [r["scenario"] for r in rows]
+        sl = {metric: summarize([r[metric] for r in rows], cl, **boot) for metric in RECOVERIES}
+        for rate, s in (("field_only_new_decision_rate", "field"), ("downstream_only_new_decision_rate", "downstream")):
+            # the answer the new value implies (= the oracle's decision on included pairs)
+            sl[rate] = summarize_proportion([r["decision"][s] == r["expected_new"] for r in rows], cl)
+        agg["slices"][name] = sl
     gated = included + excluded
     gated_clusters = [r["scenario"] for r in gated]
     agg["flip_rate"] = summarize_proportion([r["dec_stale"] != r["dec_oracle"] for r in gated], gated_clusters)
