@@ -31,6 +31,10 @@ def _keys(obj) -> set:
     return set()
 
 
+ORIGINAL = ("order_cancel", "account_delete", "password_reset", "loyalty_discount", "item_return", "plan_upgrade",
+            "data_export", "card_replace", "class_booking", "rx_refill")
+
+
 def _gate_value(inst, arm) -> str:
     """The value after "only if ... is" in the arm's rendered gate rule."""
     msgs = inst.old_messages if arm == "old" else inst.new_messages
@@ -55,13 +59,17 @@ def test_inverted_polarity_swaps_the_rule_and_the_implied_decisions():
         d = diverse.domains()[n.scenario]
         allowed, disallowed, allow = d.allowed, d.disallowed, d.allow
         assert (i.old_value, i.new_value) == (n.old_value, n.new_value) and i.variant["polarity"] == "inverted"
-        assert _gate_value(n, "old") == allowed and _gate_value(i, "old") == disallowed
+        text_n = "\n".join(m["content"] for m in n.old_messages)
+        text_i = "\n".join(m["content"] for m in i.old_messages)
+        assert d.rule in text_n and d.rule_text("inverted") in text_i and d.rule_text("inverted") != d.rule
+        if n.scenario in ORIGINAL:   # their rules read "only if <field> is <allowed>"
+            assert _gate_value(n, "old") == allowed and _gate_value(i, "old") == disallowed
         assert (i.expected_old, i.expected_new) == (n.expected_new, n.expected_old)  # each value now implies the other
         assert i.expected_old == (allow if i.old_value == disallowed else d.refuse)
         # only the rule line differs; the rest of the prompt (surface, record, request) is the same
         for mn, mi in zip(n.old_messages, i.old_messages):
             diff = [(a, b) for a, b in zip(mn["content"].splitlines(), mi["content"].splitlines()) if a != b]
-            assert len(diff) <= 1 and all("only if" in a for a, _ in diff)
+            assert len(diff) <= 1 and all(a == f"- {d.rule}" for a, _ in diff)
 
 
 def test_rule_inversion_matches_whole_words_only():

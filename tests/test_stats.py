@@ -1,4 +1,4 @@
-"""Tests for kvnotes.stats: Wilson interval, clustered bootstrap, summaries."""
+"""Tests for kvnotes.stats: Wilson, the cluster intervals, summaries, nulls and library wrappers."""
 
 import json
 import math
@@ -7,7 +7,16 @@ import time
 import numpy as np
 import pytest
 
-from kvnotes.stats import bootstrap_mean_ci, summarize, summarize_proportion, wilson
+from kvnotes.stats import (
+    bootstrap_mean_ci,
+    mcnemar_exact,
+    null_of_mean,
+    pearson,
+    spearman,
+    summarize,
+    summarize_proportion,
+    wilson,
+)
 
 
 def _wilson_quadratic(k, n, z=1.96):
@@ -203,24 +212,159 @@ def test_coverage_of_cluster_bootstrap():
     assert cov_instance < 0.88, cov_instance
 
 
+# ---------------------------------------------------------------- cluster-robust core: independent checks
+
+
+def _cr2_and_ik_by_matrices(y, groups, rho):
+    """CR2 variance and Imbens-Kolesar df of the OLS intercept from full N x N matrices.
+
+    Independent of kvnotes.stats: builds H, (I - H_gg)^(-1/2) with scipy.linalg.sqrtm,
+    the columns G_g = (I - H)_{., g} A_g X_g (X'X)^{-1} and the eigenvalues of G' Omega G
+    under Omega = (1 - rho) I + rho U U'.
+    """
+    from scipy.linalg import sqrtm
+
+    y = np.asarray(y, dtype=float)
+    groups = np.asarray(groups)
+    n = y.size
+    x = np.ones((n, 1))
+    xtx_inv = np.linalg.inv(x.T @ x)
+    h = x @ xtx_inv @ x.T
+    resid = y - h @ y
+    labs = sorted(set(groups.tolist()))
+    u = np.stack([(groups == g).astype(float) for g in labs], axis=1)
+    var = 0.0
+    cols = []
+    for j, g in enumerate(labs):
+        idx = np.flatnonzero(groups == g)
+        a_g = np.real(sqrtm(np.linalg.inv(np.eye(idx.size) - h[np.ix_(idx, idx)])))
+        var += float((xtx_inv @ x[idx].T @ a_g @ resid[idx])[0] ** 2)
+        cols.append(((np.eye(n) - h)[:, idx] @ a_g @ x[idx] @ xtx_inv).ravel())
+    gmat = np.stack(cols, axis=1)
+    omega = (1 - rho) * np.eye(n) + rho * u @ u.T
+    lam = np.linalg.eigvalsh(gmat.T @ omega @ gmat)
+    return var, lam.sum() ** 2 / (lam**2).sum()
+
+
+def _anova_icc_loop(y, groups):
+    """One-way ANOVA intra-class correlation with unequal group sizes, written with loops."""
+    labs = sorted(set(groups))
+    data = {g: [v for v, h in zip(y, groups) if h == g] for g in labs}
+    n_tot = len(y)
+    k = len(labs)
+    grand = sum(y) / n_tot
+    ssb = sum(len(d) * (sum(d) / len(d) - grand) ** 2 for d in data.values())
+    ssw = sum(sum((v - sum(d) / len(d)) ** 2 for v in d) for d in data.values())
+    msb, msw = ssb / (k - 1), ssw / (n_tot - k)
+    n0 = (n_tot - sum(len(d) ** 2 for d in data.values()) / n_tot) / (k - 1)
+    sb2 = max((msb - msw) / n0, 0.0)
+    return min(max(sb2 / (sb2 + msw), 0.0), 1.0)
+
+
+def test_equal_sizes_matches_statsmodels_cluster_t():
+    """Equal scenario sizes: CR2 = CR1 and IK df = G - 1, so ci is statsmodels' cluster t interval."""
+    import statsmodels.api as sm
+
+    x, labels = _clustered_data(7, n_clusters=6, per=4)
+    codes = np.unique(labels, return_inverse=True)[1]
+    res = sm.OLS(np.asarray(x), np.ones((len(x), 1))).fit(
+        cov_type="cluster", cov_kwds={"groups": codes, "use_correction": True, "df_correction": True}, use_t=True)
+    s = summarize(x, labels, n_boot=200)
+    assert s["se"] == pytest.approx(float(res.bse[0]), rel=1e-10)
+    assert s["df"] == pytest.approx(5.0, rel=1e-10)
+    assert s["ci"] == pytest.approx(res.conf_int(0.05)[0].tolist(), rel=1e-10)
+    assert s["mean"] == pytest.approx(float(res.params[0]), rel=1e-12)
+
+
+def test_unequal_sizes_cr1_part_matches_statsmodels():
+    import statsmodels.api as sm
+
+    from kvnotes.stats import _cluster_core
+
+    rng = np.random.default_rng(8)
+    groups = np.array([0, 0, 0, 0, 0, 1, 2, 2, 3, 3, 3, 4])
+    y = rng.normal(size=groups.size) + groups * 0.3
+    res = sm.OLS(y, np.ones((y.size, 1))).fit(
+        cov_type="cluster", cov_kwds={"groups": groups, "use_correction": True, "df_correction": True}, use_t=True)
+    core = _cluster_core(np.bincount(groups)[None].astype(float), np.bincount(groups, weights=y)[None],
+                         np.array([1.0]))
+    assert math.sqrt(core["var_cr1"][0]) == pytest.approx(float(res.bse[0]), rel=1e-10)
+    # and CR2 is larger than CR1 here (bias-reduced: leverage of the big scenario)
+    assert core["var_cr2"][0] > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unequal_sizes_cr2_and_ik_df_match_matrix_formula(seed):
+    from kvnotes.stats import _cluster_core
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 6, size=5)
+    groups = np.repeat(np.arange(5), sizes)
+    y = (rng.normal(0, 0.3, size=5)[groups] + rng.normal(0, 0.1, size=groups.size)).tolist()
+    s = summarize(y, groups.tolist(), n_boot=200)
+    rho = _anova_icc_loop(y, groups.tolist())
+    var, df = _cr2_and_ik_by_matrices(y, groups, rho)
+    assert s["se"] == pytest.approx(math.sqrt(var), rel=1e-9)
+    assert s["df"] == pytest.approx(df, rel=1e-9)
+    core = _cluster_core(np.bincount(groups)[None].astype(float), np.bincount(groups, weights=y)[None],
+                         np.array([sum((v - np.mean([w for w, h in zip(y, groups) if h == g])) ** 2
+                                       for v, g in zip(y, groups))]))
+    assert core["icc"][0] == pytest.approx(rho, abs=1e-12)
+    # Bell-McCaffrey df is the rho = 0 case of the same formula
+    assert core["df_bm"][0] == pytest.approx(_cr2_and_ik_by_matrices(y, groups, 0.0)[1], rel=1e-9)
+    q = __import__("scipy.stats", fromlist=["t"]).t.ppf(0.975, df)
+    assert s["ci"] == pytest.approx([s["mean"] - q * math.sqrt(var), s["mean"] + q * math.sqrt(var)], rel=1e-9)
+
+
+def test_cr2_hand_example():
+    # a = [0, 1], b = [2], c = [4, 5]: N = 5, mean 2.4, residual sums -3.8, -0.4, 4.2;
+    # V = (3.8^2/(1 - 2/5) + 0.4^2/(1 - 1/5) + 4.2^2/(1 - 2/5)) / 25 = 53.6667 / 25
+    s = summarize([0.0, 1.0, 2.0, 4.0, 5.0], ["a", "a", "b", "c", "c"], n_boot=200)
+    assert s["mean"] == pytest.approx(2.4)
+    assert s["se"] ** 2 == pytest.approx((3.8**2 / 0.6 + 0.4**2 / 0.8 + 4.2**2 / 0.6) / 25, rel=1e-12)
+    assert s["scenario_weighted_mean"] == pytest.approx((0.5 + 2.0 + 4.5) / 3)
+
+
 # ---------------------------------------------------------------- summarize
+
+SUMMARY_KEYS = {"mean", "ci", "ci_method", "n", "n_clusters", "per_scenario", "se", "df",
+                "scenario_weighted_mean", "scenario_weighted_ci", "scenario_weighted_ci_method",
+                "ci_bootstrap", "ci_bootstrap_method", "warning"}
 
 
 def test_summarize_fields_and_per_scenario():
     values = [1.0, 3.0, 10.0, 20.0, 30.0, 5.0]
     clusters = ["b", "b", "c", "c", "c", "a"]
     s = summarize(values, clusters, n_boot=2000)
-    assert set(s) == {"mean", "ci", "ci_method", "n", "n_clusters", "per_scenario"}
+    assert set(s) == SUMMARY_KEYS
     assert s["mean"] == pytest.approx(69.0 / 6)
+    assert s["scenario_weighted_mean"] == pytest.approx((5.0 + 2.0 + 20.0) / 3)
     assert s["n"] == 6 and s["n_clusters"] == 3
     assert list(s["per_scenario"]) == ["a", "b", "c"]
     assert s["per_scenario"]["a"] == {"mean": 5.0, "n": 1}
     assert s["per_scenario"]["b"] == {"mean": 2.0, "n": 2}
     assert s["per_scenario"]["c"] == {"mean": pytest.approx(20.0), "n": 3}
     lo, hi = s["ci"]
-    assert lo <= s["mean"] <= hi
-    assert (lo, hi, s["ci_method"]) == bootstrap_mean_ci(values, clusters, n_boot=2000)
+    assert lo < s["mean"] < hi
+    assert hi - s["mean"] == pytest.approx(s["mean"] - lo)
+    assert "CR2" in s["ci_method"] and "Imbens-Kolesar" in s["ci_method"] and "G=3" in s["ci_method"]
+    assert f"df={s['df']:.3g}" in s["ci_method"]
+    lo_b, hi_b, m_b = bootstrap_mean_ci(values, clusters, n_boot=2000)
+    assert s["ci_bootstrap"] == [lo_b, hi_b] and s["ci_bootstrap_method"].startswith(m_b)
     json.dumps(s)
+
+
+def test_summarize_scenario_weighted_ci_is_t_on_scenario_means():
+    from scipy import stats as sps
+
+    x, labels = _clustered_data(9, n_clusters=7, per=3)
+    x = x[:-2]  # unequal sizes: last scenario keeps 1 pair
+    labels = labels[:-2]
+    s = summarize(x, labels, n_boot=200)
+    means = [e["mean"] for e in s["per_scenario"].values()]
+    want = sps.t.interval(0.95, len(means) - 1, loc=np.mean(means), scale=sps.sem(means))
+    assert s["scenario_weighted_ci"] == pytest.approx(list(want), rel=1e-10)
+    assert "df=6" in s["scenario_weighted_ci_method"]
 
 
 def test_summarize_plain_python_types_from_numpy_input():
@@ -228,7 +372,9 @@ def test_summarize_plain_python_types_from_numpy_input():
     clusters = np.array([2, 1, 2, 1], dtype=np.int64)
     s = summarize(values, clusters, n_boot=500)
     assert type(s["mean"]) is float and type(s["n"]) is int and type(s["n_clusters"]) is int
-    assert all(type(v) is float for v in s["ci"])
+    for key in ("ci", "scenario_weighted_ci", "ci_bootstrap"):
+        assert all(type(v) is float for v in s[key])
+    assert type(s["se"]) is float and type(s["df"]) is float and type(s["scenario_weighted_mean"]) is float
     assert list(s["per_scenario"]) == [1, 2]
     assert all(type(k) is int for k in s["per_scenario"])
     for entry in s["per_scenario"].values():
@@ -236,21 +382,80 @@ def test_summarize_plain_python_types_from_numpy_input():
     json.dumps(s)
 
 
-def test_summarize_n0_and_n1():
+def test_summarize_n0():
     s = summarize([], [])
-    assert s == {
-        "mean": None,
-        "ci": None,
-        "ci_method": "none (n=0)",
-        "n": 0,
-        "n_clusters": 0,
-        "per_scenario": {},
-    }
+    assert set(s) == SUMMARY_KEYS
+    assert s["mean"] is None and s["ci"] is None and s["ci_method"] == "none (n=0)"
+    assert s["n"] == 0 and s["n_clusters"] == 0 and s["per_scenario"] == {}
+    assert all(s[k] is None for k in ("se", "df", "scenario_weighted_mean", "scenario_weighted_ci", "ci_bootstrap"))
     json.dumps(s)
+
+
+def test_summarize_n1_gives_no_interval_with_reason():
     s1 = summarize([0.25], ["x"])
-    assert s1["mean"] == 0.25 and s1["ci"] == [0.25, 0.25] and s1["ci_method"] == "none (n=1)"
+    assert s1["mean"] == 0.25 and s1["ci"] is None
+    assert s1["ci_method"].startswith("none (n=1, 1 scenario")
+    assert s1["scenario_weighted_ci"] is None and s1["ci_bootstrap"] is None
     assert s1["n"] == 1 and s1["n_clusters"] == 1
     assert s1["per_scenario"] == {"x": {"mean": 0.25, "n": 1}}
+    assert "1 scenario" in s1["warning"]
+    json.dumps(s1)
+
+
+def test_summarize_one_cluster_no_iid_fallback():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=30).tolist()
+    s = summarize(x, ["only"] * 30, n_boot=500)
+    assert s["ci"] is None and s["scenario_weighted_ci"] is None and s["ci_bootstrap"] is None
+    assert "1 scenario" in s["ci_method"] and "no fallback" in s["ci_method"]
+    assert s["mean"] == pytest.approx(float(np.mean(x)))
+    assert s["warning"] is not None and "only 1 scenario" in s["warning"]
+
+
+@pytest.mark.parametrize("g", [2, 3, 4])
+def test_summarize_warns_below_five_scenarios(g):
+    x, labels = _clustered_data(10, n_clusters=g, per=3)
+    s = summarize(x, labels, n_boot=200)
+    assert s["warning"].startswith("fewer than 5 scenarios") and f"G={g}" in s["warning"]
+    assert "coverage not guaranteed" in s["warning"]
+    assert s["ci"] is not None and s["ci"][1] > s["ci"][0]
+
+
+def test_summarize_no_warning_from_five_scenarios():
+    x, labels = _clustered_data(10, n_clusters=5, per=2)
+    assert summarize(x, labels, n_boot=200)["warning"] is None
+
+
+def test_summarize_constant_data_zero_width():
+    labels = [i // 6 for i in range(48)]
+    s = summarize([0.1] * 48, labels, n_boot=200)
+    assert s["ci"] == [0.1, 0.1] and s["scenario_weighted_ci"] == [0.1, 0.1]
+    assert s["se"] == 0.0
+
+
+def test_summarize_singletons_is_t_interval():
+    # every scenario holds one pair: the pooled and the scenario-weighted means coincide and
+    # CR2 with IK df reduces to the ordinary one-sample t interval
+    from scipy import stats as sps
+
+    x = [0.3, 0.9, 0.4, 0.7, 0.1, 0.5]
+    s = summarize(x, list("abcdef"), n_boot=200)
+    want = sps.t.interval(0.95, 5, loc=np.mean(x), scale=sps.sem(x))
+    assert s["ci"] == pytest.approx(list(want), rel=1e-10)
+    assert s["scenario_weighted_ci"] == pytest.approx(list(want), rel=1e-10)
+
+
+def test_summarize_alpha_controls_width():
+    x, labels = _clustered_data(2)
+    a = summarize(x, labels, n_boot=200, alpha=0.10)
+    b = summarize(x, labels, n_boot=200, alpha=0.05)
+    assert b["ci"][0] < a["ci"][0] and a["ci"][1] < b["ci"][1]
+    assert "90%" in a["ci_method"] and "95%" in b["ci_method"]
+
+
+def test_summarize_pooled_and_scenario_weighted_differ_with_unequal_sizes():
+    s = summarize([0.0, 1.0, 1.0, 1.0, 1.0], ["a", "b", "b", "b", "b"], n_boot=200)
+    assert s["mean"] == pytest.approx(0.8) and s["scenario_weighted_mean"] == pytest.approx(0.5)
 
 
 def test_summarize_nan_raises():
@@ -258,29 +463,93 @@ def test_summarize_nan_raises():
         summarize([1.0, float("nan")], ["a", "b"])
 
 
+def test_summarize_bad_n_boot_and_alpha_raise():
+    with pytest.raises(ValueError):
+        summarize([1.0, 2.0], ["a", "b"], n_boot=0)
+    with pytest.raises(ValueError):
+        summarize([1.0, 2.0], ["a", "b"], alpha=1.5)
+
+
 # ---------------------------------------------------------------- summarize_proportion
+
+PROPORTION_KEYS = {"mean", "ci", "ci_method", "n", "n_clusters", "per_scenario", "k", "se", "df",
+                   "design_effect", "n_effective", "scenario_weighted_mean", "scenario_weighted_ci",
+                   "scenario_weighted_ci_method", "wilson", "wilson_method", "warning"}
 
 
 def test_summarize_proportion_values():
     succ = [True, False, True, True, False, False, True, True]
     clus = ["s2", "s2", "s1", "s1", "s1", "s3", "s3", "s3"]
     s = summarize_proportion(succ, clus)
-    assert set(s) == {"mean", "ci", "ci_method", "n", "n_clusters", "per_scenario", "k"}
+    assert set(s) == PROPORTION_KEYS
     assert s["k"] == 5 and s["n"] == 8 and s["n_clusters"] == 3
     assert s["mean"] == pytest.approx(5 / 8)
-    assert s["ci"] == pytest.approx(list(wilson(5, 8)))
-    assert s["ci_method"] == "wilson"
+    assert s["scenario_weighted_mean"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    # statsmodels' Wilson (the cross-check) equals the hand-written wilson()
+    assert s["wilson"] == pytest.approx(list(wilson(5, 8)), abs=1e-12)
     assert list(s["per_scenario"]) == ["s1", "s2", "s3"]
     assert s["per_scenario"]["s1"] == {"mean": pytest.approx(2 / 3), "n": 3, "k": 2}
     assert s["per_scenario"]["s2"] == {"mean": 0.5, "n": 2, "k": 1}
     assert s["per_scenario"]["s3"] == {"mean": pytest.approx(2 / 3), "n": 3, "k": 2}
+    assert s["ci"][0] < s["mean"] < s["ci"][1]
+    assert s["ci_method"].startswith("design-effect Wilson") and "G=3" in s["ci_method"]
+    assert s["warning"].startswith("fewer than 5 scenarios")
     json.dumps(s)
 
 
-def test_summarize_proportion_numpy_bools_and_extremes():
+@pytest.mark.parametrize("k,n", [(0, 12), (3, 7), (12, 12), (40, 100)])
+def test_summarize_proportion_wilson_cross_check(k, n):
+    succ = [True] * k + [False] * (n - k)
+    s = summarize_proportion(succ, [i % 4 for i in range(n)])
+    assert s["wilson"] == pytest.approx(list(wilson(k, n)), abs=1e-12)
+
+
+def test_summarize_proportion_ci_is_wilson_on_effective_n_with_t():
+    """The design-effect Wilson interval re-derived from se, df and the quadratic Wilson form."""
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(12)
+    labels = np.repeat(np.arange(8), rng.integers(1, 6, size=8))
+    p_g = rng.beta(1.0, 1.5, size=8)
+    succ = (rng.random(labels.size) < p_g[labels]).tolist()
+    s = summarize_proportion(succ, labels.tolist())
+    n, p = s["n"], s["mean"]
+    assert 0 < p < 1
+    deff = s["se"] ** 2 / (p * (1 - p) / n)
+    assert s["design_effect"] == pytest.approx(deff, rel=1e-10)
+    n_eff = n / max(deff, 1.0)
+    assert s["n_effective"] == pytest.approx(n_eff, rel=1e-10)
+    q = float(sps.t.ppf(sps.norm.cdf(1.96), s["df"]))  # the level z = 1.96 fixes
+    want = _wilson_quadratic(p * n_eff, n_eff, q)
+    assert s["ci"] == pytest.approx([max(0.0, want[0]), min(1.0, want[1])], rel=1e-9)
+
+
+def test_summarize_proportion_extremes_keep_width():
+    """p_hat = 0 or 1: worst-case n_eff = n^2 / sum n_g^2 (ICC = 1), never a zero-width interval."""
+    from scipy import stats as sps
+
+    labels = list("aabbbccddeee")  # sizes 2, 3, 2, 2, 3
+    sizes = [2, 3, 2, 2, 3]
+    n_worst = 12**2 / sum(m * m for m in sizes)
+    for flag in (False, True):
+        s = summarize_proportion([flag] * 12, labels)
+        assert s["n_effective"] == pytest.approx(n_worst)
+        assert s["design_effect"] is None and "undefined" in s["ci_method"]
+        q = float(sps.t.ppf(sps.norm.cdf(1.96), s["df"]))
+        lo, hi = _wilson_quadratic(n_worst * float(flag), n_worst, q)
+        if flag:
+            assert s["ci"][1] == 1.0 and s["ci"][0] == pytest.approx(lo, rel=1e-9) and s["ci"][0] < 0.6
+        else:
+            assert s["ci"][0] == 0.0 and s["ci"][1] == pytest.approx(hi, rel=1e-9) and s["ci"][1] > 0.4
+        # the same data treated as independent give a much narrower interval
+        assert s["ci"][1] - s["ci"][0] > s["wilson"][1] - s["wilson"][0] + 0.2
+
+
+def test_summarize_proportion_numpy_bools_one_cluster():
     s = summarize_proportion(np.zeros(12, dtype=bool), ["a"] * 12)
     assert s["k"] == 0 and type(s["k"]) is int and s["mean"] == 0.0
-    assert [round(b, 2) for b in s["ci"]] == [0.00, 0.24]
+    assert s["ci"] is None and "1 scenario" in s["ci_method"] and "only 1 scenario" in s["warning"]
+    assert [round(b, 2) for b in s["wilson"]] == [0.00, 0.24]
     json.dumps(s)
 
 
@@ -288,9 +557,121 @@ def test_summarize_proportion_n0():
     s = summarize_proportion([], [])
     assert s["mean"] is None and s["ci"] is None and s["ci_method"] == "none (n=0)"
     assert s["n"] == 0 and s["n_clusters"] == 0 and s["per_scenario"] == {} and s["k"] == 0
+    assert s["wilson"] is None and s["scenario_weighted_mean"] is None
     json.dumps(s)
 
 
 def test_summarize_proportion_rejects_non_boolean():
     with pytest.raises(ValueError, match=r"successes\[1\]"):
         summarize_proportion([True, None], ["a", "a"])
+
+
+def test_summarize_proportion_rejects_bad_z():
+    with pytest.raises(ValueError):
+        summarize_proportion([True, False], ["a", "b"], z=0)
+
+
+def test_summarize_proportion_z_sets_level():
+    succ = [True, False, True, False, False, True, True, False, True, True]
+    labels = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    wide = summarize_proportion(succ, labels, z=2.576)
+    narrow = summarize_proportion(succ, labels, z=1.645)
+    assert wide["ci"][0] < narrow["ci"][0] and narrow["ci"][1] < wide["ci"][1]
+    assert wide["wilson"] == pytest.approx(list(wilson(6, 10, 2.576)), abs=1e-9)
+
+
+# ---------------------------------------------------------------- null_of_mean
+
+
+def test_null_of_mean_keys_and_exact_expectation():
+    draws = [[0.1, 0.2, 0.3], [0.5], [0.0, 1.0, 0.5, 0.5]]
+    out = null_of_mean(draws, {"obs": [0.3, 0.5, 1.0]}, 0.05)
+    old_keys = {"n", "n_draws", "mean", "lo", "median", "hi", "per_pair_mean", "obs_mean", "p_obs_ge_null"}
+    assert old_keys <= set(out)
+    assert {"B", "p_floor", "n_draws_per_pair", "method"} <= set(out)
+    assert out["n"] == 3 and out["n_draws"] == 4 and out["n_draws_per_pair"] == {"min": 1, "max": 4}
+    assert out["B"] == 10000 and out["p_floor"] == pytest.approx(1 / 10001)
+    assert out["per_pair_mean"] == pytest.approx([0.2, 0.5, 0.5])
+    assert out["mean"] == pytest.approx(0.4)
+    assert out["obs_mean"] == pytest.approx(0.6)
+    assert out["lo"] <= out["median"] <= out["hi"]
+    json.dumps(out)
+
+
+def test_null_of_mean_p_floor_and_ceiling():
+    rng = np.random.default_rng(0)
+    draws = [rng.normal(size=50).tolist() for _ in range(10)]
+    out = null_of_mean(draws, {"big": [10.0] * 10, "small": [-10.0] * 10}, 0.05, n_means=2000, seed=1)
+    assert out["p_big_ge_null"] == out["p_floor"] == pytest.approx(1 / 2001)
+    assert out["p_small_ge_null"] == 1.0
+
+
+def test_null_of_mean_matches_exact_null_distribution():
+    # two pairs with draws {0, 1}: null mean is 0, 0.5, 1 with probability 1/4, 1/2, 1/4
+    out = null_of_mean([[0.0, 1.0], [0.0, 1.0]], {"one": [1.0, 1.0], "half": [0.5, 0.5]}, 0.05,
+                       n_means=20000, seed=3)
+    assert out["p_one_ge_null"] == pytest.approx(0.25, abs=0.015)
+    assert out["p_half_ge_null"] == pytest.approx(0.75, abs=0.015)
+    assert (out["lo"], out["median"], out["hi"]) == (0.0, 0.5, 1.0)
+
+
+def test_null_of_mean_forced_draws_and_ties():
+    # every pair forced: the null is a point; an observed mean equal to it is a tie (p = 1)
+    out = null_of_mean([[0.1], [0.2], [0.3]], {"same": [0.3, 0.1, 0.2]}, 0.05)
+    assert out["lo"] == out["median"] == out["hi"] == pytest.approx(0.2)
+    assert out["p_same_ge_null"] == 1.0
+
+
+def test_null_of_mean_requires_2000_draws_for_p_values():
+    draws = [[0.0, 1.0]] * 3
+    with pytest.raises(ValueError, match="2000"):
+        null_of_mean(draws, {"x": [1.0, 1.0, 1.0]}, 0.05, n_means=1999)
+    out = null_of_mean(draws, {}, 0.05, n_means=500)  # no p-value reported: fewer draws allowed
+    assert out["B"] == 500 and not any(k.startswith("p_") and k != "p_floor" for k in out)
+
+
+def test_null_of_mean_seeded_and_validates():
+    draws = [[0.0, 0.3, 1.0], [0.2, 0.4]]
+    assert null_of_mean(draws, {}, 0.05, seed=4) == null_of_mean(draws, {}, 0.05, seed=4)
+    with pytest.raises(ValueError):
+        null_of_mean([], {}, 0.05)
+    with pytest.raises(ValueError):
+        null_of_mean([[0.1], []], {}, 0.05)
+    with pytest.raises(ValueError):
+        null_of_mean([[0.1], [float("nan")]], {}, 0.05)
+    with pytest.raises(ValueError, match="pairs"):
+        null_of_mean(draws, {"x": [1.0]}, 0.05)
+
+
+# ---------------------------------------------------------------- library wrappers
+
+
+def test_mcnemar_exact_known_values():
+    # two-sided exact: 2 * P(Binomial(12, 1/2) <= 3) = 2 * (1 + 12 + 66 + 220) / 4096
+    assert mcnemar_exact(3, 9) == pytest.approx(2 * sum(math.comb(12, i) for i in range(4)) / 2**12, abs=1e-15)
+    assert mcnemar_exact(3, 9) == pytest.approx(0.14599609375, abs=1e-15)
+    assert mcnemar_exact(9, 3) == mcnemar_exact(3, 9)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 3)
+    with pytest.raises(ValueError):
+        mcnemar_exact(1.5, 3)
+
+
+def test_pearson_and_spearman():
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=20), rng.normal(size=20)
+    assert pearson(x, y) == pytest.approx(float(np.corrcoef(x, y)[0, 1]), abs=1e-12)
+    # Spearman = Pearson on average ranks (ties share the mean rank)
+    a, b = [1, 2, 2, 3, 5], [10, 30, 20, 20, 50]
+    ra, rb = [1, 2.5, 2.5, 4, 5], [1, 4, 2.5, 2.5, 5]
+    assert spearman(a, b) == pytest.approx(float(np.corrcoef(ra, rb)[0, 1]), abs=1e-12)
+    assert type(pearson(x, y)) is float and type(spearman(a, b)) is float
+    assert pearson([1, 2, 3], [4, 4, 4]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+    assert pearson([1.0], [2.0]) is None
+    with pytest.raises(ValueError):
+        pearson([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError):
+        spearman([1, float("nan")], [1, 2])
