@@ -1,17 +1,24 @@
 """Figures computed from the probe records, never from hand-typed numbers.
 
 Currently: Fig. 3a, "field-KV vs downstream" (paper_spec.md §6.1, harness version), read from the locality probe's
-records at ``results/locality/<model>/<scenario>.json``.
+records at ``results/locality/<model>/<scenario>[-<tag>].json``, one panel per scenario, with a CSV and a markdown
+table of the numbers it shows (``fig3a_locality.csv|md``).
 
-    python figures/make_figures.py [--results DIR] [--out DIR] [--models a,b,...]
+    python figures/make_figures.py [--results DIR] [--out DIR] [--models a,b,...] [--scenario s1,s2] [--tag T]
 
 Defaults are ``results/`` and ``figures/`` under the repository root (the parent of this folder), not the current
-directory. Every record read and every file written is printed; a missing or malformed record fails loudly.
+directory; ``--scenario diverse,family_a`` (one panel each; the models are those with a record of the first) and no
+tag. Other scenarios or a tag go into the file names (``fig3a_locality_family_a``, ``fig3a_locality-<tag>``), so
+figures of different families do not overwrite each other. Every record read and every file written is printed; a
+registered model left out is named with the command that makes its record; a missing or malformed record raises
+``RecordError`` (an ordinary exception; the command line turns it into exit status 1 with the message).
+
+This module also holds what every figure script shares: the style, the table writer, output names, the
+registered-model note.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,6 +28,11 @@ import matplotlib
 matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402  (after the backend is chosen)
+
+from kvnotes.records import (MissingRecord, RecordError, load_aggregates, load_index, read_record,  # noqa: E402
+                             record_path, registered_models, run_command)
+
+__all__ = ["RecordError", "MissingRecord", "fig3a", "main", "write_table", "output_stem", "note_missing_models"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO_ROOT / "results"
@@ -78,6 +90,58 @@ STYLE = {
 VALUE_LABEL_SIZE = 5.8  # bar value labels, §6.0 ("5.8–6.6 pt with %.2f")
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Shared by the figure scripts: tables, output names, the registered-model note
+# ---------------------------------------------------------------------------------------------------------------------
+def _md_cell(x) -> str:
+    return "" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def write_table(out: Path, stem: str, table, header: list[str] | None = None) -> None:
+    """`<stem>.csv` (every digit, CRLF rows as the csv module writes them) and `<stem>.md` (floats to 3 places) of a
+    DataFrame; `header` renames the columns (it may repeat a name, e.g. lo/hi for two curves). Gaps print empty."""
+    table = table.astype(object)
+    table = table.where(table.notna(), None)
+    if header is not None:
+        table.columns = header
+    out = Path(out)
+    table.to_csv(out / f"{stem}.csv", index=False, lineterminator="\r\n")
+    cells = table.map(_md_cell)
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False, name=None)]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / (stem + '.csv')} and .md")
+
+
+def output_stem(base: str, scenario: str | None = None, default_scenario: str | None = None,
+                tag: str | None = None) -> str:
+    """`base`, plus `_<scenario>` when it is not the figure's default, plus `-<tag>` when there is one."""
+    stem = base if not scenario or scenario == default_scenario else f"{base}_{scenario}"
+    return f"{stem}-{tag}" if tag else stem
+
+
+def note_missing_models(figure: str, results: Path, probe: str, scenario: str, tag: str | None,
+                        shown: list[str], why: dict[str, str] | None = None) -> list[str]:
+    """Print which registered models (configs/model/*.yaml, kind != tiny) `figure` leaves out, and why: no record
+    (with the command that makes it), or the reason in `why` (e.g. no included pairs). Returns the left-out names."""
+    why = why or {}
+    registered = registered_models()
+    left_out = [m for m in registered if m not in shown]
+    if not left_out:
+        return []
+    print(f"{figure} shows {len([m for m in shown if m in registered])} of {len(registered)} registered models; "
+          f"not shown:")
+    for m in left_out:
+        path = record_path(results, probe, m, scenario, tag)
+        if m in why:
+            print(f"  {m}: {why[m]} ({path})")
+        elif not path.is_file():
+            print(f"  {m}: no record {path}  (run: {run_command(probe, m, scenario, tag)})")
+        else:
+            print(f"  {m}: not requested (--models)")
+    return left_out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Fig. 3a definition
 # ---------------------------------------------------------------------------------------------------------------------
 # (record key under "aggregate", legend label, colour); order = bar order within a model's group.
@@ -89,33 +153,32 @@ FIG3A_METRICS = [
     ("downstream_only_recovery", "downstream-only (field stale)", WONG["purple"]),
     ("full_downstream_recovery", "full downstream (sanity: =1 by construction)", WONG["green"]),
 ]
-# (scenario file stem, panel title); left to right.
-FIG3A_PANELS = [
-    ("diverse", "(a) one-word gated decisions"),
-    ("family_a", "(b) Family A tool-call template"),
-]
+# Panel titles of the scenarios named so far; any other scenario is titled by its name.
+PANEL_TITLES = {
+    "diverse": "one-word gated decisions",
+    "family_a": "Family A tool-call template",
+}
+FIG3A_SCENARIOS = ["diverse", "family_a"]   # the default panels, left to right; models come from the first
+FIG3A_PANELS = [(s, f"({chr(97 + i)}) {PANEL_TITLES[s]}") for i, s in enumerate(FIG3A_SCENARIOS)]
 FIG3A_STEM = "fig3a_locality"
 EXPERIMENT = "locality"
-PRIMARY_SCENARIO = "diverse"
+PRIMARY_SCENARIO = FIG3A_SCENARIOS[0]
 
 
-def run_command(model: str, scenario: str) -> str:
-    return f"python run.py probe={EXPERIMENT} model={model} scenario={scenario}"
+def panel_title(i: int, scenario: str, tag: str | None = None) -> str:
+    title = f"({chr(97 + i)}) {PANEL_TITLES.get(scenario, scenario)}"
+    return f"{title} [{tag}]" if tag else title
 
 
-def record_path(results_dir: Path, model: str, scenario: str) -> Path:
-    return Path(results_dir) / EXPERIMENT / model / f"{scenario}.json"
+def fig3a_stem(scenarios: list[str], tag: str | None = None) -> str:
+    """fig3a_locality for the default panels; otherwise the scenarios ('+'-joined) and the tag are in the name."""
+    scen = None if scenarios == FIG3A_SCENARIOS else "+".join(scenarios)
+    return output_stem(FIG3A_STEM, scen, None, tag)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Record loading and validation
 # ---------------------------------------------------------------------------------------------------------------------
-class RecordError(SystemExit):
-    """A missing or malformed record: exits non-zero with a message naming the file."""
-
-    # The message is SystemExit's `code`: Python prints it to stderr and exits with status 1.
-
-
 def _get(rec: dict, path: Path, *keys: str):
     node = rec
     for i, key in enumerate(keys):
@@ -129,8 +192,8 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _metric(rec: dict, path: Path, key: str) -> dict:
-    """Return {'mean', 'lo', 'hi', 'n'} for one aggregate metric, checking its shape; mean/lo/hi are None if n == 0."""
+def _check_metric(rec: dict, path: Path, key: str) -> None:
+    """The shape every plotted aggregate metric must have: n >= 0; a number mean when n > 0; ci [lo <= hi] or null."""
     n = _get(rec, path, "aggregate", key, "n")
     mean = _get(rec, path, "aggregate", key, "mean")
     ci = _get(rec, path, "aggregate", key, "ci")
@@ -138,67 +201,78 @@ def _metric(rec: dict, path: Path, key: str) -> dict:
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise RecordError(f"malformed record {path}: '{where}.n' must be a non-negative integer, got {n!r}")
     if n == 0:
-        return {"mean": None, "lo": None, "hi": None, "n": 0}
+        return
     if not _is_number(mean):
         raise RecordError(f"malformed record {path}: '{where}.mean' must be a number when n={n}, got {mean!r}")
-    if ci is None:  # a CI that could not be computed (e.g. a single cluster): bar without an error bar
-        return {"mean": float(mean), "lo": None, "hi": None, "n": n}
+    if ci is None:
+        return
     if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_number(c) for c in ci)):
         raise RecordError(f"malformed record {path}: '{where}.ci' must be [lo, hi] or null, got {ci!r}")
-    lo, hi = float(ci[0]), float(ci[1])
-    if lo > hi:
+    if ci[0] > ci[1]:
         raise RecordError(f"malformed record {path}: '{where}.ci' has lo > hi: {ci!r}")
-    return {"mean": float(mean), "lo": lo, "hi": hi, "n": n}
 
 
-def load_locality_record(path: Path) -> dict:
-    """Read one locality record and reduce it to what Fig. 3a plots. Prints the path it read."""
-    path = Path(path)
+def _none(x):
+    """A frame cell as a plain value: NA -> None, numpy scalars -> Python numbers."""
     try:
-        rec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecordError(f"missing record {path}") from None
-    except json.JSONDecodeError as err:
-        raise RecordError(f"malformed record {path}: not valid JSON ({err})") from None
-    if not isinstance(rec, dict):
-        raise RecordError(f"malformed record {path}: top level is not a JSON object")
+        if x is None or x != x:   # NaN / NA
+            return None
+    except TypeError:             # pd.NA compares to NA
+        return None
+    return x.item() if hasattr(x, "item") else x
+
+
+def load_locality_record(path: Path, metrics=FIG3A_METRICS) -> dict:
+    """Read one locality record, check the shape of what Fig. 3a plots, and reduce it to {path, n_included, n_gated,
+    metrics: {key: {mean, lo, hi, n}}}; the numbers come from `load_aggregates`. mean/lo/hi are None when n == 0,
+    lo/hi when the record has no CI (e.g. a single cluster). Prints the path it read."""
+    path = Path(path)
+    rec = read_record(path)
     print(f"read {path}")
     experiment = _get(rec, path, "experiment")
     if experiment != EXPERIMENT:
         raise RecordError(f"malformed record {path}: 'experiment' is {experiment!r}, expected {EXPERIMENT!r}")
     n_included = _get(rec, path, "summary", "n_included")
     n_gated = _get(rec, path, "summary", "n_gated")   # the denominator: gated pairs (controls are reported apart)
-    return {
-        "path": path,
-        "n_included": n_included,
-        "n_gated": n_gated,
-        "metrics": {key: _metric(rec, path, key) for key, _, _ in FIG3A_METRICS},
-    }
+    keys = [key for key, _, _ in metrics]
+    for key in keys:
+        _check_metric(rec, path, key)
+    agg = load_aggregates(path, metric=keys)
+    agg = agg[agg["key"] == ""].set_index("metric").reindex(columns=["mean", "ci_lo", "ci_hi", "n"])
+    out = {}
+    for key in keys:
+        mean, lo, hi, n = (_none(agg.at[key, col]) for col in agg.columns)   # cell by cell: n stays an int
+        out[key] = ({"mean": None, "lo": None, "hi": None, "n": 0} if n == 0
+                    else {"mean": float(mean), "lo": lo, "hi": hi, "n": n})
+    return {"path": path, "n_included": n_included, "n_gated": n_gated, "metrics": out}
 
 
-def discover_models(results_dir: Path, models: list[str] | None = None) -> list[str]:
-    """The models Fig. 3a shows. Named models must each have a `diverse` record; otherwise every model that has one."""
-    base = Path(results_dir) / EXPERIMENT
+def models_with_record(results_dir: Path, probe: str, scenario: str, tag: str | None = None) -> list[str]:
+    """Models that have a (probe, scenario, tag) record under results_dir, sorted."""
+    index = load_index(results_dir, probe=probe, scenario=scenario, tag=tag) if Path(results_dir).is_dir() else None
+    return [] if index is None or index.empty else sorted(index["model"].unique())
+
+
+def discover_models(results_dir: Path, models: list[str] | None = None, scenario: str = PRIMARY_SCENARIO,
+                    tag: str | None = None) -> list[str]:
+    """The models Fig. 3a shows. Named models must each have a `scenario` record; otherwise every model that has one.
+    Registered models left out are named, with the command that makes their record."""
     if models:
-        missing = [m for m in models if not record_path(results_dir, m, PRIMARY_SCENARIO).is_file()]
+        missing = [m for m in models if not record_path(results_dir, EXPERIMENT, m, scenario, tag).is_file()]
         if missing:
-            lines = [f"missing {PRIMARY_SCENARIO} locality record(s) for Fig. 3a:"]
+            lines = [f"missing {scenario} locality record(s) for Fig. 3a:"]
             for m in missing:
-                lines.append(f"  {record_path(results_dir, m, PRIMARY_SCENARIO)}")
-                lines.append(f"    produce it with: {run_command(m, PRIMARY_SCENARIO)}")
-            raise RecordError("\n".join(lines))
+                lines.append(f"  {record_path(results_dir, EXPERIMENT, m, scenario, tag)}")
+                lines.append(f"    produce it with: {run_command(EXPERIMENT, m, scenario, tag)}")
+            raise MissingRecord("\n".join(lines), run_command(EXPERIMENT, missing[0], scenario, tag))
         return list(models)
-    found = sorted(p.parent.name for p in base.glob(f"*/{PRIMARY_SCENARIO}.json") if p.is_file())
+    found = models_with_record(results_dir, EXPERIMENT, scenario, tag)
     if not found:
-        raise RecordError(
-            f"no locality records found: nothing matches {base / '*' / (PRIMARY_SCENARIO + '.json')}\n"
-            f"  produce one with: {run_command('<model>', PRIMARY_SCENARIO)}"
-        )
-    # Say which model folders are left out, rather than dropping them silently.
-    if base.is_dir():
-        for d in sorted(p for p in base.iterdir() if p.is_dir() and p.name not in found):
-            print(f"note: {d} has no {PRIMARY_SCENARIO}.json, so model '{d.name}' is not in Fig. 3a "
-                  f"(run: {run_command(d.name, PRIMARY_SCENARIO)})")
+        pattern = Path(results_dir) / EXPERIMENT / "*" / (record_path(".", EXPERIMENT, "m", scenario, tag).name)
+        raise MissingRecord(f"no locality records found: nothing matches {pattern}\n"
+                            f"  produce one with: {run_command(EXPERIMENT, '<model>', scenario, tag)}",
+                            run_command(EXPERIMENT, "<model>", scenario, tag))
+    note_missing_models("Fig. 3a", Path(results_dir), EXPERIMENT, scenario, tag, found)
     return found
 
 
@@ -274,80 +348,116 @@ def locality_legend(fig: Figure, metrics=FIG3A_METRICS, ncol: int = 3) -> None:
                columnspacing=1.4)
 
 
-def build_fig3a(records: dict[str, dict[str, dict | None]], models: list[str]) -> Figure:
-    """Draw Fig. 3a from loaded records: records[scenario][model] is a `load_locality_record` result or None."""
+def build_fig3a(records: dict[str, dict[str, dict | None]], models: list[str], scenarios: list[str] | None = None,
+                tag: str | None = None) -> Figure:
+    """Draw Fig. 3a from loaded records: records[scenario][model] is a `load_locality_record` result or None; one
+    panel per scenario (default: the keys of `records`)."""
+    scenarios = list(records) if scenarios is None else scenarios
     y_range = locality_y_range(records)
     panel_w = max(3.4, 0.7 + 1.05 * len(models))
-    fig = Figure(figsize=(2 * panel_w, 3.3), layout="constrained")
+    fig = Figure(figsize=(len(scenarios) * panel_w, 3.3), layout="constrained")
     fig.get_layout_engine().set(w_pad=0.05, h_pad=0.04)
-    axes = fig.subplots(1, len(FIG3A_PANELS), sharey=True)
-    for ax, (scenario, title) in zip(axes, FIG3A_PANELS):
-        ax.set_title(title, loc="left", fontsize=8.5)
+    axes = fig.subplots(1, len(scenarios), sharey=True, squeeze=False)[0]
+    for i, (ax, scenario) in enumerate(zip(axes, scenarios)):
+        ax.set_title(panel_title(i, scenario, tag), loc="left", fontsize=8.5)
         draw_locality_panel(ax, records[scenario], models, y_range)
     axes[0].set_ylabel("decision recovery")
     locality_legend(fig)
     return fig
 
 
-def load_fig3a_records(results_dir: Path, models: list[str] | None = None) -> tuple[list[str], dict]:
+def load_fig3a_records(results_dir: Path, models: list[str] | None = None, scenarios: list[str] | None = None,
+                       tag: str | None = None) -> tuple[list[str], dict]:
     """Resolve the model list and load every Fig. 3a record; report the records that are missing per panel."""
-    models = discover_models(results_dir, models)
+    scenarios = scenarios or FIG3A_SCENARIOS
+    models = discover_models(results_dir, models, scenarios[0], tag)
     records: dict[str, dict] = {}
-    for scenario, title in FIG3A_PANELS:
+    for i, scenario in enumerate(scenarios):
         records[scenario] = {}
         missing = []
         for model in models:
-            path = record_path(results_dir, model, scenario)
+            path = record_path(results_dir, EXPERIMENT, model, scenario, tag)
             if path.is_file():
                 records[scenario][model] = load_locality_record(path)
             else:
                 records[scenario][model] = None
                 missing.append((model, path))
         if missing:
-            print(f"Fig. 3a panel '{title}': {len(missing)} record(s) missing, shown as 'no record':")
+            print(f"Fig. 3a panel '{panel_title(i, scenario, tag)}': {len(missing)} record(s) missing, shown as "
+                  f"'no record':")
             for model, path in missing:
-                print(f"  {path}  (run: {run_command(model, scenario)})")
+                print(f"  {path}  (run: {run_command(EXPERIMENT, model, scenario, tag)})")
     return models, records
 
 
-def fig3a(results_dir, out_dir, models=None, return_fig: bool = False):
-    """Write fig3a_locality.png (dpi 150) and .pdf into out_dir; return the PNG path (and the Figure if asked)."""
+def fig3a_table(records: dict[str, dict[str, dict | None]], models: list[str], metrics=FIG3A_METRICS):
+    """The numbers Fig. 3a shows, one row per (scenario, model, metric) with a record."""
+    import pandas as pd
+
+    rows = [{"scenario": scenario, "model": model, "metric": key, **rec["metrics"][key],
+             "n_included": rec["n_included"], "n_gated": rec["n_gated"]}
+            for scenario, per_model in records.items() for model in models
+            if (rec := per_model.get(model)) is not None for key, _, _ in metrics]
+    return pd.DataFrame(rows, columns=["scenario", "model", "metric", "mean", "lo", "hi", "n", "n_included",
+                                       "n_gated"])
+
+
+def fig3a(results_dir, out_dir, models=None, return_fig: bool = False, scenarios: list[str] | None = None,
+          tag: str | None = None):
+    """Write Fig. 3a (PNG at dpi 150, PDF) and its table into out_dir; return the PNG path (and the Figure if
+    asked). One panel per scenario (default diverse, family_a); the file names carry non-default scenarios/tag."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
+    scenarios = list(scenarios or FIG3A_SCENARIOS)
+    stem = fig3a_stem(scenarios, tag)
     with matplotlib.rc_context(STYLE):
-        models, records = load_fig3a_records(results_dir, models)
-        fig = build_fig3a(records, models)
+        models, records = load_fig3a_records(results_dir, models, scenarios, tag)
+        fig = build_fig3a(records, models, scenarios, tag)
         out_dir.mkdir(parents=True, exist_ok=True)
-        png = out_dir / f"{FIG3A_STEM}.png"
-        pdf = out_dir / f"{FIG3A_STEM}.pdf"
+        png = out_dir / f"{stem}.png"
+        pdf = out_dir / f"{stem}.pdf"
         fig.savefig(png, dpi=150, bbox_inches="tight")
         print(f"wrote {png}")
         fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None})   # byte-stable PDFs
         print(f"wrote {pdf}")
+        write_table(out_dir, stem, fig3a_table(records, models))
     return (png, fig) if return_fig else png
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
-def _parse_models(text: str | None) -> list[str] | None:
+def _parse_list(text: str | None, option: str) -> list[str] | None:
     if text is None:
         return None
-    models = [m.strip() for m in text.split(",") if m.strip()]
-    if not models:
-        raise SystemExit("--models was given but names no model (expected a comma-separated list)")
-    return models
+    items = [m.strip() for m in text.split(",") if m.strip()]
+    if not items:
+        raise SystemExit(f"{option} was given but names nothing (expected a comma-separated list)")
+    return items
+
+
+def _parse_models(text: str | None) -> list[str] | None:
+    return _parse_list(text, "--models")
 
 
 def main(argv=None) -> list[Path]:
+    """Command line. A missing or malformed record exits with status 1 and the message (SystemExit), which is what
+    run.py's `except SystemExit` around this call expects; library callers use `fig3a` and get RecordError."""
     parser = argparse.ArgumentParser(description="Make the figures from the probe records.")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
                         help=f"records directory (default: {DEFAULT_RESULTS})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"output directory (default: {DEFAULT_OUT})")
     parser.add_argument("--models", default=None,
-                        help="comma-separated model names (default: every model with a diverse locality record)")
+                        help="comma-separated model names (default: every model with a record of the first scenario)")
+    parser.add_argument("--scenario", default=",".join(FIG3A_SCENARIOS),
+                        help="comma-separated scenarios, one panel each (default: %(default)s)")
+    parser.add_argument("--tag", default=None, help="read <scenario>-<tag>.json records (default: untagged)")
     args = parser.parse_args(argv)
-    png = fig3a(args.results, args.out, _parse_models(args.models))
+    try:
+        png = fig3a(args.results, args.out, _parse_models(args.models),
+                    scenarios=_parse_list(args.scenario, "--scenario"), tag=args.tag or None)
+    except RecordError as err:
+        raise SystemExit(str(err)) from None
     return [png, png.with_suffix(".pdf")]
 
 

@@ -106,3 +106,61 @@ def test_missing_records_are_skipped_with_the_command(tmp_path, capsys):
     assert fig3.main(["--results", str(tmp_path), "--out", str(tmp_path / "out")]) == []
     out = capsys.readouterr().out
     assert "skipped fig3b_topk" in out and "python run.py probe=topk" in out
+
+
+def _as_other_family(results, root, scenario="family_a", tag="t1"):
+    """The fixture's tiny-llama records, renamed to another scenario and a tag (record content and file name)."""
+    for p in results.glob("*/tiny-llama/diverse.json"):
+        rec = json.loads(p.read_text())
+        rec["scenario"]["name"], rec["config"]["tag"] = scenario, tag
+        dst = root / p.parent.parent.name / "tiny-llama" / f"{scenario}-{tag}.json"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(json.dumps(rec))
+    return root
+
+
+def test_scenario_and_tag_select_the_records_and_name_the_outputs(results, tmp_path):
+    other = _as_other_family(results, tmp_path / "results")
+    out = tmp_path / "out"
+    written = fig3.main(["--results", str(other), "--out", str(out), "--scenario", "family_a", "--tag", "t1",
+                         "--only", "fig_sweeps,fig3b_topk,fig3c_reads,fig3d_wording,fig_knockout,fig3"])
+    assert sorted(p.name for p in written) == sorted([
+        "fig_sweeps_family_a-t1.png", "fig3b_topk_family_a-t1.png", "fig3c_reads_family_a-t1.png",
+        "fig3d_wording_family_a-t1.png", "fig_knockout_family_a-t1.png", "fig3_tiny-llama_family_a-t1.png"])
+    assert not list(out.glob("fig3b_topk.*")) and not list(out.glob("fig3_tiny-llama.*"))   # defaults untouched
+    topk = json.loads((other / "topk" / "tiny-llama" / "family_a-t1.json").read_text())["aggregate"]
+    for row in _rows(out / "fig3b_topk_family_a-t1.csv"):
+        if row["curve"] == "topk":
+            assert float(row["in_sample_or_suffix"]) == pytest.approx(topk["topk_in"][row["k_or_frac"]]["mean"])
+    # untagged, or another tag: those records do not exist, so nothing is drawn and the command says so
+    assert fig3.main(["--results", str(other), "--out", str(out), "--scenario", "family_a",
+                      "--only", "fig3b_topk"]) == []
+
+
+def test_missing_scenario_names_the_commands_for_every_registered_model(results, tmp_path, capsys):
+    from kvnotes.records import registered_models
+
+    assert fig3.main(["--results", str(results), "--out", str(tmp_path), "--scenario", "family_b",
+                      "--only", "fig3b_topk,fig3"]) == []
+    out = capsys.readouterr().out
+    assert "skipped fig3b_topk" in out and "python run.py probe=topk scenario=family_b" in out
+    for m in registered_models():
+        assert f"python run.py probe=topk model={m} scenario=family_b" in out
+    assert "skipped fig3: no topk record of scenario family_b" in out
+
+
+def test_a_figure_with_a_subset_of_registered_models_names_the_rest(results, tmp_path, capsys):
+    from kvnotes.records import registered_models
+
+    fig3.main(["--results", str(results), "--out", str(tmp_path), "--only", "fig3d_wording"])
+    out = capsys.readouterr().out
+    assert f"fig3d_wording shows 0 of {len(registered_models())} registered models" in out
+    for m in registered_models():
+        assert f"python run.py probe=wording model={m} scenario=diverse" in out
+
+
+def test_figure_functions_raise_ordinary_exceptions(tmp_path):
+    with pytest.raises(fig3.MissingRecord) as exc:   # a missing record: not SystemExit, and it carries the command
+        fig3.fig3b(tmp_path, tmp_path, ["ghost"], scenario="family_a", tag="t2")
+    assert not isinstance(exc.value, SystemExit)
+    assert exc.value.command == "python run.py probe=topk model=ghost scenario=family_a tag=t2"

@@ -1,4 +1,5 @@
-"""Fig. 3a from synthetic locality records: files written, loud failures, n == 0, bar heights from the records."""
+"""Fig. 3a from synthetic locality records: files written, loud failures, n == 0, bar heights from the records,
+--scenario / --tag and the file names they give, the registered models a figure leaves out."""
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def _metric(mean, half=0.05, n=30):
 
 
 def write_record(results: Path, model: str, scenario: str, means: dict | None = None, zero_n=(),
-                 n_included=30, n_total=48, drop=None) -> Path:
+                 n_included=30, n_total=48, drop=None, tag: str | None = None) -> Path:
     """Write a synthetic locality record; `means` overrides per-metric means, `zero_n` metrics get n == 0."""
     means = means or {}
     base = {k: 0.1 + 0.1 * i for i, k in enumerate(METRIC_KEYS)}
@@ -42,7 +43,8 @@ def write_record(results: Path, model: str, scenario: str, means: dict | None = 
         "schema_version": 1,
         "experiment": "locality",
         "model": {"name": model, "dtype": "float32", "n_layers": 2},
-        "scenario": {"name": scenario},
+        "scenario": {"name": scenario, "family": scenario},
+        "config": {"tag": tag, "seed": 0},
         "summary": {"n_total": n_total + 4, "n_gated": n_total, "n_controls": 4, "n_included": n_included, "n_excluded": n_total - n_included,
                     "n_controls": 8},
         "aggregate": agg,
@@ -52,7 +54,7 @@ def write_record(results: Path, model: str, scenario: str, means: dict | None = 
         for key in drop[:-1]:
             node = node[key]
         del node[drop[-1]]
-    path = results / "locality" / model / f"{scenario}.json"
+    path = results / "locality" / model / (f"{scenario}-{tag}.json" if tag else f"{scenario}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec))
     return path
@@ -128,10 +130,11 @@ def test_named_model_missing_record_exits_with_path_and_command(tmp_path):
     assert not (tmp_path / "out" / "fig3a_locality.png").exists()
 
 
-def test_no_records_at_all_exits_clearly(tmp_path):
-    with pytest.raises(SystemExit) as exc:
+def test_no_records_at_all_raises_clearly(tmp_path):
+    with pytest.raises(mf.RecordError) as exc:   # an ordinary exception for library callers, not SystemExit
         mf.fig3a(tmp_path / "results", tmp_path / "out")
-    msg = str(exc.value.code)
+    assert not isinstance(exc.value, SystemExit)
+    msg = str(exc.value)
     assert "no locality records found" in msg
     assert "python run.py probe=locality" in msg
 
@@ -153,9 +156,9 @@ def test_metric_with_n_zero_draws_no_bar(tmp_path):
 def test_malformed_record_names_file_and_key(tmp_path):
     results = tmp_path / "results"
     path = write_record(results, "model-a", "diverse", drop=("aggregate", "field_v_only_recovery", "ci"))
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(mf.RecordError) as exc:
         mf.fig3a(results, tmp_path / "out")
-    msg = str(exc.value.code)
+    msg = str(exc.value)
     assert str(path) in msg and "aggregate.field_v_only_recovery.ci" in msg
 
 
@@ -173,3 +176,77 @@ def test_cli_runs_as_script_with_repo_relative_defaults(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--results", str(tmp_path / "none"), "--out",
                           str(tmp_path / "o2")], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode != 0 and "no locality records found" in bad.stderr
+
+
+def test_fig3a_table_shows_the_record_numbers(tmp_path):
+    import csv
+
+    results, out = tmp_path / "results", tmp_path / "out"
+    write_record(results, "model-a", "diverse", means={"field_only_recovery": 0.137}, zero_n={"field_k_only_recovery"})
+    mf.fig3a(results, out)
+    with open(out / "fig3a_locality.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 + 0   # one scenario with a record (no family_a record) x 6 metrics
+    got = {r["metric"]: r for r in rows}
+    assert float(got["field_only_recovery"]["mean"]) == pytest.approx(0.137)
+    assert float(got["field_only_recovery"]["lo"]) == pytest.approx(0.087) and got["field_only_recovery"]["n"] == "30"
+    assert got["field_k_only_recovery"]["mean"] == "" and got["field_k_only_recovery"]["n"] == "0"
+    assert (out / "fig3a_locality.md").read_text().splitlines()[0].startswith("| scenario | model | metric | mean")
+
+
+def test_scenario_and_tag_options_name_the_outputs(tmp_path, capsys):
+    results, out = tmp_path / "results", tmp_path / "out"
+    write_record(results, "model-a", "family_a", tag="t1", means={"field_only_recovery": 0.25})
+    write_record(results, "model-a", "diverse", means={"field_only_recovery": 0.9})   # untagged: not read
+    written = mf.main(["--results", str(results), "--out", str(out), "--scenario", "family_a", "--tag", "t1"])
+    assert [p.name for p in written] == ["fig3a_locality_family_a-t1.png", "fig3a_locality_family_a-t1.pdf"]
+    assert not (out / "fig3a_locality.png").exists()   # the default figure is not overwritten
+    table = (out / "fig3a_locality_family_a-t1.csv").read_text()
+    assert "family_a,model-a,field_only_recovery,0.25," in table and "diverse" not in table
+    _, fig = mf.fig3a(results, out, scenarios=["family_a"], tag="t1", return_fig=True)
+    assert len(fig.axes) == 1 and fig.axes[0].get_title(loc="left") == "(a) Family A tool-call template [t1]"
+    # a scenario nobody named gets its name as the title; the default pair keeps the default file name
+    write_record(results, "model-a", "diverse_long")
+    _, fig = mf.fig3a(results, out, scenarios=["diverse_long"], return_fig=True)
+    assert fig.axes[0].get_title(loc="left") == "(a) diverse_long"
+    assert (out / "fig3a_locality_diverse_long.png").is_file()
+    assert mf.fig3a_stem(["diverse", "family_a"]) == "fig3a_locality"
+    assert mf.fig3a_stem(["diverse", "family_a"], "x") == "fig3a_locality-x"
+    assert mf.output_stem("fig3b_topk", "diverse", "diverse") == "fig3b_topk"
+    assert mf.output_stem("fig3b_topk", "family_a", "diverse", "t") == "fig3b_topk_family_a-t"
+
+
+def test_missing_tagged_record_names_the_command_with_the_tag(tmp_path):
+    results = tmp_path / "results"
+    write_record(results, "model-a", "family_a")
+    with pytest.raises(mf.RecordError) as exc:
+        mf.fig3a(results, tmp_path / "out", scenarios=["family_a"], tag="t9")
+    assert "python run.py probe=locality model=<model> scenario=family_a tag=t9" in str(exc.value)
+    with pytest.raises(mf.RecordError) as exc:
+        mf.fig3a(results, tmp_path / "out", models=["model-a"], scenarios=["family_a"], tag="t9")
+    assert str(results / "locality" / "model-a" / "family_a-t9.json") in str(exc.value)
+    assert exc.value.command == "python run.py probe=locality model=model-a scenario=family_a tag=t9"
+
+
+def test_cli_error_is_a_system_exit_that_run_py_catches(tmp_path):
+    """run.py wraps make_figures.main in `except SystemExit`: the command line still exits that way."""
+    caught = None
+    try:
+        mf.main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    except SystemExit as e:   # exactly what run.py does
+        caught = e
+    assert caught is not None and "no locality records found" in str(caught.code)
+
+
+def test_registered_models_left_out_are_named_with_their_command(tmp_path, capsys):
+    registered = mf.registered_models()
+    assert registered and not any(m.startswith("tiny-") for m in registered)
+    results = tmp_path / "results"
+    shown = registered[0]
+    write_record(results, shown, "diverse")
+    mf.fig3a(results, tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert f"Fig. 3a shows 1 of {len(registered)} registered models" in printed
+    for m in registered[1:]:
+        assert f"python run.py probe=locality model={m} scenario=diverse" in printed
+    assert f"model={shown} scenario=diverse" not in printed

@@ -1,0 +1,280 @@
+"""The README's result numbers, generated from the records (through `kvnotes.records.load_aggregates`), never typed.
+
+README.md holds marked blocks; this script fills each from the record(s) its entry in BLOCKS names:
+
+    <!-- numbers:locality-qwen2.5-coder-1.5b-diverse -->
+    (generated: a markdown table, or a sentence, with mean, 95 % CI, n, number of scenarios, and any warning
+    the aggregate carries; then the record it came from and the git sha that made it)
+    <!-- /numbers -->
+
+    python figures/readme_numbers.py            # rewrite the blocks in README.md from the records
+    python figures/readme_numbers.py --check    # exit 1 (and name the blocks) when a block is stale
+    python figures/readme_numbers.py --list     # the declared block ids and what each shows
+
+Options: --readme PATH (default README.md at the repository root), --results DIR (default results/). A marker
+naming an undeclared block, a block without its closing marker, and a missing record are errors (exit 1; a missing
+record's message has the command that makes it). Declared blocks the README does not (yet) place are listed, not
+errors. Lines outside the markers are never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from kvnotes.records import MissingRecord, RecordError, load_aggregates, load_index, record_path, run_command
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_README = REPO_ROOT / "README.md"
+DEFAULT_RESULTS = REPO_ROOT / "results"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The declared blocks. Each: what it shows (for --list), the record(s) (probe, model, scenario[, tag]; several make a
+# `model` column), the rows (aggregate metric, key below it, label; optionally which fields hold the value and the
+# interval when they are not mean / ci_lo / ci_hi, e.g. a null band's median / lo / hi), the format ("table" or
+# "sentence") and the decimals.
+# ---------------------------------------------------------------------------------------------------------------------
+LOCALITY_ROWS = [
+    ("field_only_recovery", "", "field-only (the field's own K/V)"),
+    ("field_line_recovery", "", "field + its newline"),
+    ("field_k_only_recovery", "", "field K only"),
+    ("field_v_only_recovery", "", "field V only"),
+    ("downstream_only_recovery", "", "downstream only (field stale)"),
+    ("full_downstream_recovery", "", "full downstream (= 1 by construction)"),
+    ("inclusion_rate", "", "gated pairs included"),
+]
+BLOCKS: dict[str, dict] = {
+    "locality-qwen2.5-coder-1.5b-diverse": {
+        "shows": "Fig. 3a numbers on the 1.5B, diverse: recovery of each splice, and the inclusion rate",
+        "records": [("locality", "qwen2.5-coder-1.5b", "diverse")],
+        "rows": LOCALITY_ROWS,
+    },
+    "locality-qwen2.5-coder-0.5b-diverse": {
+        "shows": "Fig. 3a numbers on the 0.5B, diverse",
+        "records": [("locality", "qwen2.5-coder-0.5b", "diverse")],
+        "rows": LOCALITY_ROWS,
+    },
+    "locality-qwen2.5-coder-1.5b-diverse_long": {
+        "shows": "field-only vs downstream-only recovery on the 1.5B with long filler (diverse_long), one sentence",
+        "records": [("locality", "qwen2.5-coder-1.5b", "diverse_long")],
+        "rows": [("field_only_recovery", "", "field-only"), ("downstream_only_recovery", "", "downstream-only"),
+                 ("inclusion_rate", "", "included")],
+        "format": "sentence",
+    },
+    "locality-all-family_a": {
+        "shows": "Family A on every registered model: flip and inclusion rates (no model flips, so no recovery)",
+        "records": [("locality", m, "family_a") for m in ("gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b",
+                                                          "smollm2-135m")],
+        "rows": [("flip_rate", "", "decision flips"), ("inclusion_rate", "", "gated pairs included")],
+    },
+    "topk-qwen2.5-coder-1.5b-diverse": {
+        "shows": "Fig. 3b on the 1.5B: top-1/4/8 recovery ranked in-sample and cross-fitted; matched and uniform "
+                 "random-8 nulls",
+        "records": [("topk", "qwen2.5-coder-1.5b", "diverse")],
+        "rows": [("topk_in", "1", "top-1, in-sample"), ("topk_in", "4", "top-4, in-sample"),
+                 ("topk_in", "8", "top-8, in-sample"), ("topk_cf", "1", "top-1, cross-fitted"),
+                 ("topk_cf", "4", "top-4, cross-fitted"), ("topk_cf", "8", "top-8, cross-fitted"),
+                 ("null_matched", "8", "random-8 matched null (median, 95 % band)", "median", "lo", "hi"),
+                 ("null_uniform", "8", "random-8 uniform null (median, 95 % band)", "median", "lo", "hi")],
+    },
+    "knockout-qwen2.5-coder-1.5b-diverse": {
+        "shows": "knockout on the 1.5B: all downstream masked in every layer, per state; E4 attention mass",
+        "records": [("knockout", "qwen2.5-coder-1.5b", "diverse")],
+        "rows": [("field_only", "graded/1.0/mask/recovery", "field-only state, all downstream masked"),
+                 ("stale", "graded/1.0/mask/recovery", "stale state, all downstream masked"),
+                 ("oracle", "graded/1.0/mask/recovery", "oracle state, all downstream masked"),
+                 ("oracle", "E4_attention_mass/field", "attention mass on the field (oracle)"),
+                 ("oracle", "E4_attention_mass/downstream", "attention mass on the downstream (oracle)"),
+                 ("oracle", "E4_attention_mass/sink", "attention mass on the first tokens (oracle)")],
+        "digits": 3,
+    },
+    "wording-qwen2.5-coder-1.5b-diverse": {
+        "shows": "Fig. 3d on the 1.5B: P(decision = new value's action) per note appended to the stale cache",
+        "records": [("wording", "qwen2.5-coder-1.5b", "diverse")],
+        "rows": [("p_decision_is_new_action", f"stale/{v}", f"stale cache + {label}")
+                 for v, label in (("none", "no note"), ("value_only", "value"), ("update_tag", "tag"),
+                                  ("override_full", "override"), ("conclusion", "re-evaluate"))],
+    },
+    "dose-qwen2.5-coder-1.5b-diverse_dose": {
+        "shows": "dose-response on the 1.5B: field-only recovery per field placement, and Spearman rho",
+        "records": [("dose", "qwen2.5-coder-1.5b", "diverse_dose")],
+        "rows": [*(("by_level", f"{lv}/field_only_recovery", f"field-only, {lv}")
+                   for lv in ("0_before_rule_far", "1_before_rule", "2_after_rule_far", "3_after_rule",
+                              "4_after_rule_near")),
+                 ("spearman_field_only_vs_distance", "", "Spearman rho(distance, field-only)", "rho")],
+    },
+    "decodability-qwen2.5-coder-1.5b-diverse_polarity": {
+        "shows": "decodability on the 1.5B: accuracy on the arms where conclusion = field value, per anchor",
+        "records": [("decodability", "qwen2.5-coder-1.5b", "diverse_polarity")],
+        "rows": [("minority_arms", f"accuracy/{a}/{t}", f"{a}: {t.replace('_', ' ')} probe")
+                 for a in ("field_line_end", "downstream_mean", "pre_decision", "decision")
+                 for t in ("conclusion", "field_value")],
+    },
+}
+
+OPEN = re.compile(r"<!-- numbers:(?P<id>[A-Za-z0-9_.+-]+) -->")
+CLOSE = "<!-- /numbers -->"
+
+
+class BlockError(Exception):
+    """A README marker this script cannot fill (unknown id, no closing marker)."""
+
+
+def _row_spec(row) -> dict:
+    metric, key, label, *fields = row
+    value, lo, hi = (list(fields) + [None, None, None])[:3]
+    return {"metric": metric, "key": key, "label": label, "value": value or "mean", "lo": lo or "ci_lo",
+            "hi": hi or "ci_hi"}
+
+
+def _number(x, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _plain(x):
+    try:
+        if x is None or x != x:
+            return None
+    except TypeError:   # pd.NA
+        return None
+    return x.item() if hasattr(x, "item") else x
+
+
+def _repo_relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def block_rows(spec: dict, results: Path) -> tuple[list[dict], list[dict]]:
+    """The numbers of one block, one dict per (record, row), and the records' index rows."""
+    rows, sources = [], []
+    for probe, model, scenario, *rest in spec["records"]:
+        tag = rest[0] if rest else None
+        path = record_path(results, probe, model, scenario, tag)
+        if not path.is_file():
+            cmd = run_command(probe, model, scenario, tag)
+            raise MissingRecord(f"missing record {path} (run: {cmd})", cmd)
+        agg = load_aggregates(path)
+        index = load_index(path).iloc[0]
+        sources.append({"path": _repo_relative(str(path)), "git_sha": _plain(index["git_sha"]),
+                        "n_scenarios": _plain(index.get("n_scenarios"))})
+        for row in map(_row_spec, spec["rows"]):
+            hit = agg[(agg["metric"] == row["metric"]) & (agg["key"] == row["key"])]
+            if hit.empty:
+                where = row["metric"] + (f"/{row['key']}" if row["key"] else "")
+                raise RecordError(f"record {path} has no aggregate '{where}' (block rows name it)")
+            s = {k: _plain(v) for k, v in hit.iloc[0].items()}
+            rows.append({"model": model, "label": row["label"], "value": s.get(row["value"]),
+                         "lo": s.get(row["lo"]), "hi": s.get(row["hi"]), "n": s.get("n"), "k": s.get("k"),
+                         "n_scenarios": s["n_clusters"] if s.get("n_clusters") is not None
+                         else sources[-1]["n_scenarios"],   # a null band has no clusters: the record's count
+                         "warning": s.get("warning")})
+    return rows, sources
+
+
+def render_block(block_id: str, spec: dict, results: Path) -> str:
+    """The markdown that goes between a block's markers (a leading and a trailing newline included)."""
+    rows, sources = block_rows(spec, results)
+    digits = spec.get("digits", 2)
+    several = len(spec["records"]) > 1
+
+    def ci(r):
+        return "no CI" if r["lo"] is None else f"[{_number(r['lo'], digits)}, {_number(r['hi'], digits)}]"
+
+    def n(r):
+        return "" if r["n"] is None else f"{r['k']}/{r['n']}" if r["k"] is not None else str(r["n"])
+
+    if spec.get("format", "table") == "sentence":
+        def counts(r):
+            return ", ".join(([f"n = {n(r)}"] if r["n"] is not None else [])
+                             + ([f"{r['n_scenarios']} scenarios"] if r["n_scenarios"] is not None else []))
+
+        parts = [f"{r['label']}{' (' + r['model'] + ')' if several else ''} {_number(r['value'], digits)} {ci(r)}"
+                 + (f" ({counts(r)})" if counts(r) else "") + (f", warning: {r['warning']}" if r["warning"] else "")
+                 for r in rows]
+        body = "; ".join(parts) + "."
+    else:
+        warn = any(r["warning"] for r in rows)
+        head = (["model"] if several else []) + ["quantity", "value", "95 % CI", "n", "scenarios"] + \
+            (["warning"] if warn else [])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = ([r["model"]] if several else []) + [r["label"], _number(r["value"], digits), ci(r), n(r),
+                                                         "" if r["n_scenarios"] is None else str(r["n_scenarios"])]
+            lines.append("| " + " | ".join(cells + ([r["warning"] or ""] if warn else [])) + " |")
+        body = "\n".join(lines)
+    made = ", ".join(f"`{s['path']}` (git {str(s['git_sha'])[:7]})" for s in sources)
+    return f"\n{body}\n\n<sub>Generated by `figures/readme_numbers.py` (block `{block_id}`) from {made}.</sub>\n"
+
+
+def blocks_in(text: str) -> list[tuple[str, int, int]]:
+    """(block id, start, end) of the content between each opening marker and its closing marker."""
+    found = []
+    for m in OPEN.finditer(text):
+        end = text.find(CLOSE, m.end())
+        nxt = OPEN.search(text, m.end())
+        if end < 0 or (nxt and nxt.start() < end):
+            raise BlockError(f"block '{m.group('id')}' has no closing marker {CLOSE} before the next block")
+        found.append((m.group("id"), m.end(), end))
+    return found
+
+
+def fill(text: str, results: Path = DEFAULT_RESULTS, blocks: dict | None = None) -> tuple[str, list[str]]:
+    """`text` with every marked block regenerated; also the ids whose content changed."""
+    blocks = BLOCKS if blocks is None else blocks
+    out, last, changed = [], 0, []
+    for block_id, start, end in blocks_in(text):
+        if block_id not in blocks:
+            raise BlockError(f"README block '{block_id}' is not declared in figures/readme_numbers.py BLOCKS "
+                             f"(declared: {', '.join(blocks)})")
+        new = render_block(block_id, blocks[block_id], results)
+        if text[start:end] != new:
+            changed.append(block_id)
+        out += [text[last:start], new]
+        last = end
+    out.append(text[last:])
+    return "".join(out), changed
+
+
+def main(argv=None, blocks: dict | None = None) -> int:
+    p = argparse.ArgumentParser(description="Fill the README's marked number blocks from the records.")
+    p.add_argument("--readme", type=Path, default=DEFAULT_README)
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--check", action="store_true", help="exit 1 if a block is stale; write nothing")
+    p.add_argument("--list", action="store_true", help="print the declared block ids and what each shows")
+    args = p.parse_args(argv)
+    blocks = BLOCKS if blocks is None else blocks
+    if args.list:
+        for block_id, spec in blocks.items():
+            print(f"{block_id}: {spec.get('shows', '')}")
+        return 0
+    text = args.readme.read_text()
+    try:
+        new, changed = fill(text, args.results, blocks)
+    except (RecordError, BlockError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    placed = {b for b, _, _ in blocks_in(text)}
+    unplaced = [b for b in blocks if b not in placed]
+    if unplaced:
+        print(f"declared but not placed in {args.readme}: {', '.join(unplaced)}")
+    if args.check:
+        if changed:
+            print(f"stale README block(s) in {args.readme}: {', '.join(changed)} "
+                  f"(run: python figures/readme_numbers.py)", file=sys.stderr)
+            return 1
+        print(f"{args.readme}: {len(placed)} block(s) up to date")
+        return 0
+    if changed:
+        args.readme.write_text(new)
+        print(f"updated {len(changed)} block(s) in {args.readme}: {', '.join(changed)}")
+    else:
+        print(f"{args.readme}: {len(placed)} block(s) already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
