@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODEL ?= qwen2.5-coder-1.5b
 STAMP := $(VENV)/.kvnotes-installed
 
-.PHONY: main test env weights figures
+.PHONY: main test env weights figures reanalyse
 
 # The environment: the CPU torch first (a plain `torch` would pull a CUDA build), then the pinned project.
 $(STAMP): pyproject.toml
@@ -34,3 +34,18 @@ test: $(STAMP)
 figures: $(STAMP)
 	$(PY) figures/make_figures.py
 	$(PY) -m figures.fig3
+
+# Re-analyse every record whose probe keeps its raw logits (probes whose CONTRACT says reanalysable): current code
+# and statistics, no model run (tokenizers only), then the figures. Each record gets a `reanalysed` entry; a record
+# that cannot be re-analysed (its prompts changed, no tokenizer cache) is listed at the end and left as it was.
+REANALYSABLE = $(shell $(PY) -c 'from pathlib import Path; from probes.base import load_probe; \
+	print(*[p.stem for p in sorted(Path("configs/probe").glob("*.yaml")) if load_probe(p.stem).spec.reanalysable])')
+reanalyse: $(STAMP)
+	@failed=; for p in $(REANALYSABLE); do for f in results/$$p/*/*.json; do \
+	  [ -e "$$f" ] || continue; m=$$(basename $$(dirname $$f)); s=$$(basename $$f .json); t=$${s#*-}; s=$${s%%-*}; \
+	  if [ "$$t" = "$$s" ]; then t=; fi; echo "[make reanalyse] $$f"; \
+	  $(PY) run.py probe=$$p model=$$m scenario=$$s $${t:+tag=$$t} reanalyse=true make_figures=false \
+	    || failed="$$failed $$f"; \
+	done; done; \
+	$(MAKE) --no-print-directory figures; \
+	if [ -n "$$failed" ]; then echo "[make reanalyse] not re-analysed (see the errors above):$$failed"; exit 1; fi

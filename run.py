@@ -2,34 +2,57 @@
 
     python run.py                                    # locality, qwen2.5-coder-1.5b, diverse (the main job)
     python run.py probe=locality model=qwen2.5-coder-0.5b scenario=diverse n_instances=12
+    python run.py experiment=dose                    # a preset pairing a probe with the scenario it needs
     python run.py --multirun model=qwen2.5-coder-0.5b,smollm2-135m scenario=diverse,family_a
+    python run.py -m hydra/launcher=parallel experiment=fig3 model=tiny-llama,tiny-qwen2   # cells in parallel
+    python run.py probe=locality model=qwen2.5-coder-1.5b reanalyse=true   # re-analyse the record, no model run
+
+Before any model work the run checks that the probe can use the scenario (its CONTRACT, probes/base.py) and that it
+will not replace an existing record made with another config (tag it, or pass overwrite=true).
 """
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers can be imported: nothing touches the network
 
-import importlib
-import inspect
+import fcntl
+import json
 import random
 import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import scenarios
-from kvnotes.models import REPO_ROOT, load_model
+from kvnotes.models import REPO_ROOT, load_model, load_tokenizer
 from kvnotes.readout import candidate_tokens
-from kvnotes.records import (SCHEMA_VERSION, Progress, config_hash, now_iso, provenance, record_path,
-                             write_json_atomic)
-from scenarios.render import align
-
+from kvnotes.records import (SCHEMA_VERSION, Progress, RecordError, config_hash, now_iso, provenance, record_path,
+                             run_command, write_json_atomic)
+from probes.base import Probe, ProbeConfigError, load_probe
+from scenarios.render import AlignmentError, align
 
 SECOND = "#pass2"   # progress key suffix of a probe's second pass
+CONFIG_DIR = REPO_ROOT / "configs"
+# settings that cannot change a result: left out of the resume hash and of the comparison with an existing record
+VOLATILE = ("make_figures", "cache_dir", "results_dir", "overwrite", "reanalyse")
+ANALYSIS = ("exclusion", "stats")          # settings a re-analysis may change (everything else was measured)
+# the token layout of a pair that a re-analysis checks against the record before reusing its logits
+LAYOUT = ("L", "dpos", "span", "line_end", "span_old", "span_new", "line_tail", "decision_token")
+IDENTITY = ("scenario", "kind", "field", "old_value", "new_value")
+
+
+class RecordConflictError(RuntimeError):
+    """A run would replace an existing record with one made from a different config."""
+
+
+class ReanalysisError(RuntimeError):
+    """A record cannot be re-analysed (no record, a probe whose rows lack the raw data, or changed prompts)."""
 
 
 def _abs(path) -> Path:
@@ -42,28 +65,134 @@ def peak_rss_gib() -> float:
     return kib / 1024 ** 2
 
 
+def _command(conf: dict, *extra: str) -> str:
+    return " ".join([run_command(conf["probe"]["name"], conf["model"]["name"], conf["scenario"]["name"],
+                                 conf.get("tag")), *extra])
+
+
+# ---------------------------------------------------------------- checks made before any model work
+def _scenario_configs() -> dict:
+    """{config name: (family, params)} of configs/scenario/*.yaml, resolving their in-group defaults (best effort:
+    used only to suggest a fix)."""
+    def load(name, seen=()):
+        raw = yaml.safe_load((CONFIG_DIR / "scenario" / f"{name}.yaml").read_text()) or {}
+        base = {"params": {}}
+        for entry in raw.pop("defaults", []):
+            if isinstance(entry, str) and entry != "_self_" and entry not in seen:
+                base = load(entry, seen + (name,))
+        return {**base, **raw, "params": {**base.get("params", {}), **(raw.get("params") or {})}}
+    found = {}
+    for path in sorted((CONFIG_DIR / "scenario").glob("*.yaml")):
+        try:
+            c = load(path.stem)
+            found[path.stem] = (c.get("family"), c.get("params", {}))
+        except Exception:   # noqa: BLE001 - a suggestion must never hide the real error
+            continue
+    return found
+
+
+def check_probe(probe: Probe, conf: dict) -> dict:
+    """The probe's options (defaults filled in), or a ProbeConfigError naming the probe, the scenario and the fix:
+    unknown options, a scenario the probe cannot use, or no instances to measure."""
+    spec, scen = probe.spec, conf["scenario"]
+    options = spec.resolve_options(conf["probe"])
+    if int(conf["n_instances"]) < 1:
+        raise ProbeConfigError(f"n_instances={conf['n_instances']}: a run needs at least one instance per scenario "
+                               f"(it would write a record with nothing measured in it)")
+    problems = spec.scenario_problems(scen["family"], scen.get("params") or {})
+    if problems:
+        fixes = []
+        if (CONFIG_DIR / "experiment" / f"{spec.name}.yaml").exists():
+            fixes.append(f"python run.py experiment={spec.name} (configs/experiment/{spec.name}.yaml pairs them)")
+        fitting = [name for name, (family, params) in _scenario_configs().items()
+                   if not spec.scenario_problems(family, params)]
+        if fitting:
+            fixes.append("scenario=" + " or scenario=".join(fitting))
+        raise ProbeConfigError(
+            f"probe {spec.name!r} cannot run on scenario {scen['name']!r} (family {scen['family']!r}): "
+            + "; ".join(problems) + ". Fix: " + ("; or ".join(fixes) if fixes else "choose another scenario"))
+    return options
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def comparable(conf: dict, probe: Probe) -> dict:
+    """A config as a record's identity: without the volatile settings, with the probe's options as the current
+    contract reads them (defaults filled in; options it no longer has dropped, since nothing reads them)."""
+    out = {k: v for k, v in conf.items() if k not in VOLATILE}
+    given = out.get("probe") or {}
+    out["probe"] = {"name": given.get("name"), **probe.spec.options,
+                    **{k: v for k, v in given.items() if k in probe.spec.options}}
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every setting that differs (dotted keys)."""
+    a, b = _flat(old), _flat(new)
+    missing = object()
+
+    def show(v):
+        text = "(absent)" if v is missing else json.dumps(v, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return [f"{k}: {show(a.get(k, missing))} -> {show(b.get(k, missing))}"
+            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def check_overwrite(path: Path, conf: dict, probe: Probe) -> None:
+    """Refuse to replace an existing record made with another config (a run with the same config reproduces it and
+    may rewrite it)."""
+    if conf.get("overwrite") or not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text()).get("config")
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecordConflictError(f"{path} exists but cannot be read ({e}); move it away or pass overwrite=true")
+    diff = config_diff(comparable(old or {}, probe), comparable(conf, probe))
+    if diff:
+        shown = "\n  ".join(diff[:12]) + (f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else "")
+        raise RecordConflictError(
+            f"refusing to overwrite {path}: it was made with another config (record -> this run):\n  {shown}\n"
+            f"To keep both, tag this run (tag=<name> writes {path.stem}-<name>.json) or write elsewhere "
+            f"(results_dir=...); to replace the record, pass overwrite=true.")
+
+
+# ---------------------------------------------------------------- the run
 def run(cfg: DictConfig) -> dict:
-    """Run the configured probe and write its record; returns the record."""
+    """Run the configured probe and write its record (or, with reanalyse=true, re-analyse it); returns the record."""
     t0, started = time.time(), now_iso()
-    prov = provenance(cfg.seed, started, 0.0)   # git state as the run starts: the code that produced the record
     conf = OmegaConf.to_container(cfg, resolve=True)
     conf.pop("hydra", None)
+    probe = load_probe(conf["probe"]["name"])
+    conf["probe"] = check_probe(probe, conf)
+    results_dir = _abs(cfg.results_dir)
+    path = record_path(results_dir, probe.name, conf["model"]["name"], conf["scenario"]["name"], conf["tag"])
+    cache_dir = _abs(cfg.cache_dir) if cfg.cache_dir else None
+    if conf.get("reanalyse"):
+        return reanalyse(conf, probe, path, cache_dir)
+    check_overwrite(path, conf, probe)
+
+    prov = provenance(cfg.seed, started, 0.0)   # git state as the run starts: the code that produced the record
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    probe = importlib.import_module(f"probes.{cfg.probe.name}")
-    results_dir = _abs(cfg.results_dir)
-    path = record_path(results_dir, cfg.probe.name, cfg.model.name, cfg.scenario.name, cfg.tag)
-
-    lm = load_model(cfg.model.name, cfg.dtype, _abs(cfg.cache_dir) if cfg.cache_dir else None)
-    params = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in conf["scenario"]["params"].items()}
+    params = dict(conf["scenario"]["params"])
     instances = scenarios.make_instances(cfg.scenario.family, n_instances=cfg.n_instances, seed=cfg.seed, **params)
-    spec = lm.spec
+    spec = conf["model"]   # the composed model config: overrides and search-path configs included
+    lm = load_model(spec, cfg.dtype, cache_dir)
     pairs = [align(i, lm.tokenizer, bool(spec.get("prepend_bos")), spec.get("plain_prompt")) for i in instances]
     tokens = {p.instance.id: p.token_info(lm.tokenizer) for p in pairs}
 
-    volatile = {"make_figures", "cache_dir"}   # settings that cannot change a result
-    progress = Progress(path, config_hash({k: v for k, v in conf.items() if k not in volatile}))
+    # the resume file is named by the config's hash: sweep cells that share a record path never share one
+    h = config_hash({k: v for k, v in conf.items() if k not in VOLATILE})
+    progress = Progress(path.with_name(f"{path.stem}.{h}.json"), h)
     if progress.done:
         n_done = sum(not k.endswith(SECOND) for k in progress.done)
         print(f"[kvnotes] resuming {path.name}: {n_done}/{len(pairs)} instances already measured")
@@ -75,24 +204,24 @@ def run(cfg: DictConfig) -> dict:
             cand_cache[cands] = [t for lst in candidate_tokens(lm.tokenizer, list(cands)).values() for _, t, _ in lst]
         return cand_cache[cands]
 
+    options = conf["probe"]
+    kwargs = {k: options[k] for k in probe.spec.measure_options}
+    n_check = options.get("check_decode_instances")   # declared only by probes whose measure() has the check
     todo = [p for p in pairs if p.instance.id not in progress.done]
-    # probe options (configs/probe/<name>.yaml) that the probe's measure() takes by name, e.g. knockout's n_random
-    accepted = inspect.signature(probe.measure).parameters
-    options = {k: v for k, v in conf["probe"].items() if k in accepted and k not in ("batch_size", "check_decode")}
-    for pair in tqdm(todo, desc=f"{cfg.probe.name} {cfg.model.name} {cfg.scenario.name}", unit="inst"):
-        check = sum(not k.endswith(SECOND) for k in progress.done) < cfg.probe.check_decode_instances
-        raw = probe.measure(lm, pair, cand_ids(pair), batch_size=cfg.probe.batch_size, check_decode=check, **options)
-        progress.add(pair.instance.id, raw)
+    for pair in tqdm(todo, desc=f"{probe.name} {spec['name']} {cfg.scenario.name}", unit="inst"):
+        if n_check is not None:
+            kwargs["check_decode"] = sum(not k.endswith(SECOND) for k in progress.done) < n_check
+        progress.add(pair.instance.id, probe.measure(lm, pair, cand_ids(pair), **kwargs))
 
     raws = {k: dict(v) for k, v in progress.done.items() if not k.endswith(SECOND)}
     seconds = {k: raws[k].pop("seconds", None) for k in raws}
-    readouts = probe.choose_readouts(lm.tokenizer, instances, raws)
-    if hasattr(probe, "measure_second"):   # a pass that needs every pair's first pass and the readouts (e.g. rankings)
-        plans = probe.plan_second(instances, tokens, raws, readouts, conf["exclusion"], conf["probe"])
+    readouts = probe.readouts(lm.tokenizer, instances, raws)
+    if probe.spec.second_pass:   # a pass that needs every pair's first pass and the readouts (e.g. rankings)
+        plans = probe.plan_second(instances, tokens, raws, readouts, conf["exclusion"], options)
         todo = [p for p in pairs if p.instance.id + SECOND not in progress.done]
-        for pair in tqdm(todo, desc=f"{cfg.probe.name} pass 2", unit="inst"):
-            raw2 = probe.measure_second(lm, pair, cand_ids(pair), plans[pair.instance.id],
-                                        batch_size=cfg.probe.batch_size)
+        second_kwargs = {k: options[k] for k in probe.spec.measure_options}
+        for pair in tqdm(todo, desc=f"{probe.name} pass 2", unit="inst"):
+            raw2 = probe.measure_second(lm, pair, cand_ids(pair), plans[pair.instance.id], **second_kwargs)
             progress.add(pair.instance.id + SECOND, raw2)
         for iid in raws:
             second = dict(progress.done[iid + SECOND])
@@ -102,40 +231,198 @@ def run(cfg: DictConfig) -> dict:
     wall = time.time() - t0
     record = {
         "schema_version": SCHEMA_VERSION,
-        "experiment": cfg.probe.name,
-        "paper_refs": getattr(probe, "PAPER_REFS", []),
+        "experiment": probe.name,
+        "paper_refs": list(probe.spec.paper_refs),
         "model": {k: v for k, v in lm.info.items() if k != "load_s"},
         "scenario": {"name": cfg.scenario.name, "family": cfg.scenario.family, "params": params,
                      "n_instances_per_scenario": cfg.n_instances},
         "config": conf,
-        "provenance": {**prov, "wall_s": round(wall, 2)},
-        "readout": {"per_group": [{"candidates": list(k[0]), **ro.to_record()} for k, ro in readouts.items()],
-                    "exclusion_rule": conf["exclusion"]},
+        "provenance": {**prov, "wall_s": round(wall, 2), "torch_threads": torch.get_num_threads()},
+        "readout": _readout_block(readouts, conf),
         **analysis,
         "timing": {"load_s": lm.info.get("load_s"), "per_instance_s": seconds, "wall_s": round(wall, 2)},
     }
+    check_overwrite(path, conf, probe)   # again: a parallel sweep cell may have written this record meanwhile
     write_json_atomic(path, record)
     progress.finish()
-    s = analysis["summary"]
-    print(f"[kvnotes] record: {path}  ({s['n_included']}/{s['n_gated']} gated instances included, "
-          f"{s['n_excluded']} excluded, {s['n_controls']} controls)")
+    _report(path, analysis)
     return record
 
 
+def _readout_block(readouts: dict, conf: dict) -> dict:
+    return {"per_group": [{"candidates": list(k[0]), **ro.to_record()} for k, ro in readouts.items()],
+            "exclusion_rule": conf["exclusion"]}
+
+
+def _report(path: Path, analysis: dict) -> None:
+    s = analysis["summary"]
+    print(f"[kvnotes] record: {path}  ({s['n_included']}/{s['n_gated']} gated instances included, "
+          f"{s['n_excluded']} excluded, {s['n_controls']} controls)")
+
+
+# ---------------------------------------------------------------- re-analysis of a record, without the model
+def _rows(record: dict) -> dict:
+    return {r["id"]: r for part in ("instances", "excluded", "controls") for r in record.get(part, [])}
+
+
+def _changes(old: dict, new: dict, config_changes: list[str]) -> dict:
+    """What a re-analysis changed: settings, aggregate entries, summary counts, per-pair rows."""
+    oa, na = old.get("aggregate", {}), new.get("aggregate", {})
+    orows, nrows = _rows(old), _rows(new)
+    return {"config": config_changes,
+            "aggregate": sorted(k for k in set(oa) | set(na) if oa.get(k) != na.get(k)),
+            "summary": {k: [old.get("summary", {}).get(k), v] for k, v in new.get("summary", {}).items()
+                        if old.get("summary", {}).get(k) != v},
+            "rows_changed": sum(orows.get(i) != r for i, r in nrows.items()),
+            "rows_moved": sorted(i for i in nrows if _part(old, i) != _part(new, i)),
+            "sanity_changed": old.get("sanity") != new.get("sanity")}
+
+
+def _part(record: dict, iid: str) -> str | None:
+    return next((p for p in ("instances", "excluded", "controls") if any(r["id"] == iid for r in record.get(p, []))),
+                None)
+
+
+def _migrate_scenario(conf: dict, old: dict, ignored: list[str], generated: list, rows: dict) -> list[str]:
+    """The scenario settings to adopt from this run when the record's differ only in how the scenario is written
+    (e.g. `placement: after_rule` and `domains: null` before the domains became files, now `layout: rule_first` and
+    the explicit list) and this run's scenario makes exactly the record's instances with identical messages; else [].
+    Without it, the unchanged canonical run (`make main`) would be refused as a different config."""
+    if not ignored or any(not d.startswith("scenario.") for d in ignored):
+        return []
+    cur = conf["scenario"]
+    try:
+        now = scenarios.make_instances(cur["family"], n_instances=conf["n_instances"], seed=conf["seed"],
+                                       **dict(cur["params"]))
+    except (ValueError, TypeError):
+        return []
+    before = {i.id: i for i in generated if i.id in rows}
+    if {i.id for i in now} != set(rows) or any(
+            (i.old_messages, i.new_messages, i.suffix) != (before[i.id].old_messages, before[i.id].new_messages,
+                                                           before[i.id].suffix) for i in now):
+        return []
+    return ignored
+
+
+def reanalyse(conf: dict, probe: Probe, path: Path, cache_dir: Path | None) -> dict:
+    """Re-run `probe.analyse` (current code, current statistics) on the raw logits a record stores, and rewrite the
+    record with a `reanalysed` entry. The prompts are re-rendered with the model's tokenizer (no weights) and must
+    lay out as the record says, or the stored logits would be read at the wrong tokens."""
+    if not probe.spec.reanalysable:
+        raise ReanalysisError(f"probe {probe.name!r} cannot be re-analysed from its records: "
+                              f"{probe.spec.not_reanalysable}. Re-run it instead: {_command(conf, 'overwrite=true')}")
+    if not path.exists():
+        raise ReanalysisError(f"no record to re-analyse at {path}; make it with: {_command(conf)}")
+    record = json.loads(path.read_text())
+    old = record["config"]
+    if record.get("experiment") != probe.name:
+        raise ReanalysisError(f"{path} is a record of {record.get('experiment')!r}, not of {probe.name!r}")
+    # what was measured is the record's; only the analysis settings come from this run's config
+    measured = {k: v for k, v in comparable(conf, probe).items() if k not in ANALYSIS}
+    ignored = config_diff({k: v for k, v in comparable(old, probe).items() if k not in ANALYSIS}, measured)
+    if ignored:
+        print("[kvnotes] re-analysis keeps the record's measured settings; ignoring this run's:\n  "
+              + "\n  ".join(ignored))
+    used = {**old, **{k: conf[k] for k in ANALYSIS}}
+    spec = old["model"]
+    tok = load_tokenizer(spec, cache_dir)
+    generated = scenarios.make_instances(old["scenario"]["family"], n_instances=old["n_instances"], seed=old["seed"],
+                                         **dict(old["scenario"]["params"]))
+    rows = _rows(record)
+    gone = sorted(set(rows) - {i.id for i in generated})
+    if gone:
+        raise ReanalysisError(f"{path}: the scenario generator no longer makes {len(gone)} of the record's instances "
+                              f"({gone[:5]}); the prompts changed, re-run the probe: {_command(conf, 'overwrite=true')}")
+    # the record's instances, in the order they were measured (a generator whose defaults now make more instances,
+    # e.g. `domains: null` over more domain files, still makes these: each is checked token by token below)
+    order = list(record.get("timing", {}).get("per_instance_s") or [])
+    rank = {iid: k for k, iid in enumerate(order)} if set(order) == set(rows) else {}
+    instances = sorted((i for i in generated if i.id in rows), key=lambda i: rank.get(i.id, 0))
+    ids = [i.id for i in instances]
+    tokens, mismatches = {}, []
+    for inst in instances:
+        try:
+            pair = align(inst, tok, bool(spec.get("prepend_bos")), spec.get("plain_prompt"))
+        except AlignmentError as e:
+            mismatches.append(f"{inst.id}: no longer aligns ({e})")
+            continue
+        info, row = pair.token_info(tok), rows[inst.id]
+        bad = [f"{k} {row['tokens'].get(k)!r} -> {info[k]!r}" for k in LAYOUT if row["tokens"].get(k) != info[k]]
+        bad += [f"{k} {row.get(k)!r} -> {getattr(inst, k)!r}" for k in IDENTITY if row.get(k) != getattr(inst, k)]
+        if bad:
+            mismatches.append(f"{inst.id}: " + ", ".join(bad))
+        tokens[inst.id] = info
+    if mismatches:
+        raise ReanalysisError(f"{path}: the prompts no longer render as the record's ({len(mismatches)} of "
+                              f"{len(instances)} instances differ; record -> now):\n  " + "\n  ".join(mismatches[:8])
+                              + f"\nThe stored logits belong to the old prompts; re-run the probe: "
+                                f"{_command(conf, 'overwrite=true')}")
+    migrated = _migrate_scenario(conf, old, ignored, generated, rows)
+    if migrated:
+        used["scenario"] = conf["scenario"]
+        print("[kvnotes] the record's scenario is written in an older schema that makes exactly these prompts; "
+              "its config now says so:\n  " + "\n  ".join(migrated))
+    raws = {iid: probe.raw_from_row(rows[iid], record) for iid in ids}
+    readouts = probe.readouts(tok, instances, raws)
+    analysis = probe.analyse(instances, tokens, raws, readouts, used["exclusion"], used["stats"])
+    new = {**record, "paper_refs": list(probe.spec.paper_refs), "config": used,
+           "readout": _readout_block(readouts, used), **analysis}
+    state = provenance(old["seed"], now_iso(), 0.0)
+    entry = {"at": state["started_at"], "git_sha": state["git_sha"], "git_dirty": state["git_dirty"],
+             "packages": state["packages"],
+             "changed": _changes(record, new, config_diff({k: old[k] for k in ANALYSIS},
+                                                          {k: used[k] for k in ANALYSIS})),
+             "instances_generated_not_in_record": len(generated) - len(instances),
+             "scenario_config_migrated": migrated}
+    new["reanalysed"] = list(record.get("reanalysed", [])) + [entry]
+    write_json_atomic(path, new)
+    ch, sha = entry["changed"], state["git_sha"]
+    print(f"[kvnotes] re-analysed {path} with the code at {sha[:10] if sha else 'an unknown commit'}: "
+          f"{len(ch['aggregate'])} aggregate entries and {ch['rows_changed']} rows changed")
+    _report(path, analysis)
+    return new
+
+
+# ---------------------------------------------------------------- entry point
+@contextmanager
+def _figures_lock(results_dir: Path):
+    """One figure build at a time per results directory: parallel sweep cells would write the same files."""
+    lock = results_dir / ".hydra" / "figures.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_mode() -> None:
+    """A config that defines a sweep (e.g. experiment=fig3a) run without --multirun would quietly run one cell."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    hc = HydraConfig.get()
+    params = hc.sweeper.get("params") if "sweeper" in hc else None
+    if hc.mode == RunMode.RUN and params:
+        sweep = " ".join(f"{k}={v}" for k, v in params.items())
+        raise SystemExit(f"this config is a sweep ({sweep}, from hydra.sweeper.params): run it with --multirun (-m)")
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> None:
     t0 = time.time()
-    record = run(cfg)
+    _check_mode()
+    run(cfg)
     if cfg.make_figures:
         from figures import fig3, make_figures
-        try:
-            make_figures.main(["--results", str(_abs(cfg.results_dir))])
-        except SystemExit as e:   # e.g. no record yet for the panel's required scenario: say so, keep the record
-            print(f"[kvnotes] figures not regenerated: {e}")
-        fig3.main(["--results", str(_abs(cfg.results_dir))])     # skips, with a message, what has no record yet
+        results = _abs(cfg.results_dir)
+        with _figures_lock(results):
+            for make in (make_figures.main, fig3.main):   # each skips, with a message, what has no record yet
+                try:
+                    make(["--results", str(results)])
+                except (SystemExit, RecordError) as e:   # e.g. a record a panel needs is missing: keep the record
+                    print(f"[kvnotes] figures not regenerated ({make.__module__}): {e}")
     print(f"[kvnotes] wall time {time.time() - t0:.1f} s, peak memory {peak_rss_gib():.2f} GiB")
-    agg = record["aggregate"].get("field_only_recovery", {})
-    return agg.get("mean")
 
 
 if __name__ == "__main__":

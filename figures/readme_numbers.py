@@ -19,6 +19,7 @@ errors. Lines outside the markers are never touched.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -44,11 +45,69 @@ LOCALITY_ROWS = [
     ("full_downstream_recovery", "", "full downstream (= 1 by construction)"),
     ("inclusion_rate", "", "gated pairs included"),
 ]
+SW = ("scenario_weighted_mean", "scenario_weighted_ci_lo", "scenario_weighted_ci_hi")   # the scenario-weighted columns
+
+
+def _slices(tau: str = "0.5") -> list:
+    """Field-only / downstream-only recovery and the field-only new-decision rate by flip direction, over the
+    included pairs and over every gated pair with |delta m| >= tau (locality's aggregate.slices)."""
+    rows = []
+    for base, what in (("included", "included"), (f"abs_delta_m_ge_{tau}", f"|Δm| ≥ {tau}")):
+        for d in ("allow->refuse", "refuse->allow"):
+            for metric, label in (("field_only_recovery", "field-only"),
+                                  ("downstream_only_recovery", "downstream-only"),
+                                  ("field_only_new_decision_rate", "field-only gives the new decision")):
+                rows.append(("slices", f"{base}/{d}/{metric}", f"{label}, {what}, {d}"))
+        for metric, label in (("field_only_recovery", "field-only"), ("downstream_only_recovery", "downstream-only")):
+            if base != "included":
+                rows.append(("slices", f"{base}/{metric}", f"{label}, {what}, both directions"))
+    return rows
+
+
 BLOCKS: dict[str, dict] = {
     "locality-qwen2.5-coder-1.5b-diverse": {
         "shows": "Fig. 3a numbers on the 1.5B, diverse: recovery of each splice, and the inclusion rate",
         "records": [("locality", "qwen2.5-coder-1.5b", "diverse")],
         "rows": LOCALITY_ROWS,
+    },
+    "locality-qwen2.5-coder-1.5b-diverse_all": {
+        "shows": "locality on the 1.5B over every domain file (diverse_all, R->F): recoveries pair- and "
+                 "scenario-weighted, by flip direction, and over all pairs with |delta m| >= 0.5",
+        "records": [("locality", "qwen2.5-coder-1.5b", "diverse_all")],
+        "rows": [("field_only_recovery", "", "field-only, pair-weighted"),
+                 ("field_only_recovery", "", "field-only, scenario-weighted", *SW),
+                 ("downstream_only_recovery", "", "downstream-only, pair-weighted"),
+                 ("downstream_only_recovery", "", "downstream-only, scenario-weighted", *SW),
+                 ("field_line_recovery", "", "field + its newline, pair-weighted"),
+                 ("field_only_new_decision_rate", "", "field-only gives the new decision"),
+                 ("flip_rate", "", "gated pairs whose decision flips"),
+                 ("correct_flip_rate", "", "... flips the way the rule says"),
+                 ("inclusion_rate", "", "gated pairs included"),
+                 *_slices()],
+    },
+    "bench-qwen2.5-coder-1.5b": {
+        "shows": "the splice benchmark (benchmarks/splice_bench.py) on the 1.5B, fp32: splices/s of the three paths "
+                 "in one run, their ratios, the engine's share of this CPU's FLOP ceiling, and their agreement",
+        "file": "bench/qwen2.5-coder-1.5b.json", "command": "python benchmarks/splice_bench.py",
+        "rows": [("full_forward_splices_per_s", "(a) frozen full forward (TransformerLens-style), splices/s"),
+                 ("sequential_splices_per_s", "(b) sequential splice + decode (the paper's way), splices/s"),
+                 ("batched_splices_per_s", "(c) batched engine, splices/s (median of 3 sweeps)"),
+                 ("batched_over_full_forward", "engine / (a)"), ("batched_over_sequential", "engine / (b)"),
+                 ("flop_bound_splices_per_s", "FLOP-bound ceiling of this CPU, splices/s"),
+                 ("batched_fraction_of_ceiling", "engine / ceiling"),
+                 ("batched_full_vocab_splices_per_s", "engine with the full-vocabulary unembedding, splices/s"),
+                 ("max_abs_diff", "max abs. recovery difference across the three paths"),
+                 ("peak_rss_gib", "peak RSS, GiB")],
+    },
+    "bench-qwen2.5-coder-1.5b-bfloat16": {
+        "shows": "the same benchmark in bf16 (slower on this CPU)",
+        "file": "bench/qwen2.5-coder-1.5b-bfloat16.json",
+        "command": "python benchmarks/splice_bench.py --dtype bfloat16",
+        "rows": [("batched_splices_per_s", "batched engine, splices/s"),
+                 ("sequential_splices_per_s", "sequential, splices/s"),
+                 ("full_forward_splices_per_s", "frozen full forward, splices/s"),
+                 ("gemm_peak_gflops", "best bf16 GEMM rate, GFLOP/s"),
+                 ("max_abs_diff", "max abs. recovery difference across the three paths")],
     },
     "locality-qwen2.5-coder-0.5b-diverse": {
         "shows": "Fig. 3a numbers on the 0.5B, diverse",
@@ -175,8 +234,27 @@ def block_rows(spec: dict, results: Path) -> tuple[list[dict], list[dict]]:
     return rows, sources
 
 
+def render_measurements(block_id: str, spec: dict, results: Path) -> str:
+    """A block of plain measurements (no intervals) from one JSON file's `aggregate`, e.g. the splice benchmark's."""
+    path = Path(results) / spec["file"]
+    if not path.is_file():
+        raise MissingRecord(f"missing record {path} (run: {spec['command']})", spec["command"])
+    rec = json.loads(path.read_text())
+    agg, digits = rec.get("aggregate", {}), spec.get("digits", 3)
+    lines = ["| quantity | value |", "|---|---|"]
+    for key, label in spec["rows"]:
+        if key not in agg:
+            raise RecordError(f"record {path} has no aggregate '{key}' (block rows name it)")
+        lines.append(f"| {label} | {agg[key]:.{digits}g} |")
+    sha = (rec.get("provenance") or {}).get("git_sha") or ""
+    return (f"\n" + "\n".join(lines) + f"\n\n<sub>Generated by `figures/readme_numbers.py` (block `{block_id}`) "
+            f"from `{_repo_relative(str(path))}` (git {sha[:7]}).</sub>\n")
+
+
 def render_block(block_id: str, spec: dict, results: Path) -> str:
     """The markdown that goes between a block's markers (a leading and a trailing newline included)."""
+    if "file" in spec:
+        return render_measurements(block_id, spec, results)
     rows, sources = block_rows(spec, results)
     digits = spec.get("digits", 2)
     several = len(spec["records"]) > 1

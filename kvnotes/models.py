@@ -1,4 +1,5 @@
-"""Model registry and loading: `configs/model/<name>.yaml` names a model; this module turns the name into weights.
+"""Model registry and loading: a model spec (`configs/model/<name>.yaml`, as composed by Hydra into `cfg.model`)
+describes a model; this module turns the spec into weights and a tokenizer.
 
 Real models come from PyPI packages that ship GGUF parts (never from a hub). The parts are concatenated with a
 sha256 check, loaded once through transformers' GGUF loader (dequantised), and cached as safetensors in a cache
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import yaml
 
@@ -38,6 +41,10 @@ class WeightsCorruptError(RuntimeError):
     pass
 
 
+class ModelCacheMissingError(RuntimeError):
+    pass
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KVNOTES_CACHE", Path.home() / ".cache" / "kvnotes")).expanduser()
 
@@ -47,12 +54,31 @@ def available_models() -> list[str]:
 
 
 def model_spec(name: str) -> dict:
-    """The registry entry for `name`, as a plain dict."""
+    """The registry entry for `name` as written in configs/model/<name>.yaml, as a plain dict. A run takes its spec
+    from the composed config instead (`cfg.model`, with overrides and any search path); this is the by-name
+    convenience for tests, benchmarks and the install command."""
     path = MODEL_CONFIG_DIR / f"{name}.yaml"
     if not path.exists():
         raise UnknownModelError(f"unknown model {name!r}; the registry (configs/model/) has: "
                                 f"{', '.join(available_models())}. Add a configs/model/{name}.yaml to register one.")
     return yaml.safe_load(path.read_text())
+
+
+def as_spec(model: str | Mapping) -> dict:
+    """A model spec as a plain dict: a registry name is looked up in configs/model/, a mapping (`cfg.model`, a dict)
+    is taken as it is."""
+    if isinstance(model, str):
+        return model_spec(model)
+    if not isinstance(model, Mapping):
+        from omegaconf import DictConfig, OmegaConf
+        if not isinstance(model, DictConfig):
+            raise TypeError(f"a model is a registry name or a spec mapping, not {type(model).__name__}")
+        model = OmegaConf.to_container(model, resolve=True)
+    spec = dict(model)
+    missing = [k for k in ("name", "kind") if k not in spec]
+    if missing:
+        raise ValueError(f"model spec {spec.get('name', '?')!r} lacks {missing}; see configs/model/*.yaml")
+    return spec
 
 
 # ---------------------------------------------------------------- GGUF weight packages
@@ -161,6 +187,43 @@ def _hf_cache_dir(spec: dict, cache_dir: Path) -> Path:
     return Path(cache_dir) / "hf" / f"{spec['name']}-{spec['gguf']['sha256'][:12]}"
 
 
+def _cache_command(spec: dict, cache_dir: Path) -> str:
+    env = "" if Path(cache_dir) == default_cache_dir() else f"KVNOTES_CACHE={cache_dir} "
+    return f"{env}{sys.executable} -m kvnotes.models cache {spec['name']}"
+
+
+def prepare_cache(model: str | Mapping, cache_dir: str | Path | None = None) -> Path:
+    """The converted (safetensors + tokenizer) cache of a GGUF model, built from its weight packages if missing."""
+    spec = as_spec(model)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    hf_dir = _hf_cache_dir(spec, cache_dir)
+    if not (hf_dir / "kvnotes_source.yaml").exists():
+        part_paths(spec)  # fail at once, with the install command, before any slow work
+        hf_dir = _build_hf_cache(spec, cache_dir)
+    return hf_dir
+
+
+def load_tokenizer(model: str | Mapping, cache_dir: str | Path | None = None):
+    """The model's tokenizer without its weights (for re-analysing records): tiny models build theirs; a GGUF
+    model's comes from its converted cache, and a missing cache is an error naming the command that builds it."""
+    spec = as_spec(model)
+    if spec["kind"] == "tiny":
+        from kvnotes.tiny import build_tiny_tokenizer
+        return build_tiny_tokenizer()
+    if spec["kind"] != "gguf":
+        raise ValueError(f"model {spec['name']!r}: unknown kind {spec['kind']!r} (expected gguf or tiny)")
+    from transformers import AutoTokenizer
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    hf_dir = _hf_cache_dir(spec, cache_dir)
+    if not (hf_dir / "kvnotes_source.yaml").exists():
+        raise ModelCacheMissingError(
+            f"model {spec['name']!r}: its tokenizer lives in the converted model cache {hf_dir}, which does not "
+            f"exist. Build it (from the installed weight packages) with:\n  {_cache_command(spec, cache_dir)}\n"
+            f"(the weight packages themselves: {install_command(spec)})")
+    return AutoTokenizer.from_pretrained(str(hf_dir))
+
+
 def _build_hf_cache(spec: dict, cache_dir: Path) -> Path:
     """GGUF -> dequantised fp32 safetensors, written to a temp dir and renamed into place when complete."""
     import torch
@@ -195,11 +258,16 @@ def _build_hf_cache(spec: dict, cache_dir: Path) -> Path:
 _LOADED: dict = {}
 
 
-def load_model(name: str, dtype: str | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
-    """Load a registered model in `dtype` (default: the registry's), memoised for the last (name, dtype) asked for."""
-    spec = model_spec(name)
+def load_model(model: str | Mapping, dtype: str | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
+    """Load a model in `dtype` (default: the spec's), memoised for the last (spec, dtype) asked for.
+
+    `model` is the spec itself (run.py passes the composed `cfg.model`, so overrides such as model.prepend_bos=true
+    and model configs on an added Hydra search path take effect) or, as a convenience for tests and benchmarks, a
+    registry name (configs/model/<name>.yaml as written). `LoadedModel.spec` is the spec the model was loaded with."""
+    spec = as_spec(model)
+    name = spec["name"]
     dtype = dtype or spec.get("dtype", "float32")
-    key = (name, dtype)
+    key = (json.dumps(spec, sort_keys=True, default=str), dtype, str(cache_dir))
     if key in _LOADED:
         return _LOADED[key]
     _LOADED.clear()  # hold one model at a time: multirun sweeps over models must not accumulate them in memory
@@ -210,12 +278,7 @@ def load_model(name: str, dtype: str | None = None, cache_dir: str | Path | None
         source = {"source": "random init from config", "source_packages": [], "sha256": None}
     elif spec["kind"] == "gguf":
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        hf_dir = _hf_cache_dir(spec, cache_dir)
-        if not (hf_dir / "kvnotes_source.yaml").exists():
-            part_paths(spec)  # fail at once, with the install command, before any slow work
-            hf_dir = _build_hf_cache(spec, cache_dir)
+        hf_dir = prepare_cache(spec, cache_dir)
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
         # load in the dtype (not .to(dtype)): keeps the RoPE inv_freq buffers in fp32 (models.md §2)
         model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=_torch_dtype(dtype))
@@ -239,10 +302,17 @@ def _main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "install":
         install_weights(argv[1])
         return 0
+    if len(argv) == 2 and argv[0] == "cache":
+        spec = model_spec(argv[1])
+        if spec["kind"] != "gguf":
+            print(f"[kvnotes] {argv[1]}: built from a config, nothing to cache")
+            return 0
+        print(f"[kvnotes] {argv[1]}: converted cache at {prepare_cache(spec)}")
+        return 0
     if len(argv) == 1 and argv[0] == "list":
         print("\n".join(available_models()))
         return 0
-    print("usage: python -m kvnotes.models install <model> | list", file=sys.stderr)
+    print("usage: python -m kvnotes.models install <model> | cache <model> | list", file=sys.stderr)
     return 2
 
 

@@ -58,24 +58,29 @@ def build_tiny_tokenizer():
 
 
 def build_tiny(arch: str, seed: int = 0, dtype=torch.float32):
-    """(model, tokenizer) for arch in {llama, qwen2, gemma3}; deterministic for a seed."""
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    """(model, tokenizer) for arch in {llama, qwen2, gemma3}; deterministic for a seed.
+
+    The model is built in `dtype` the way `from_pretrained(dtype=...)` loads a real one (transformers'
+    `from_config(..., dtype=...)`): parameters in `dtype`, RoPE frequency buffers (inv_freq, and Gemma-3's local and
+    global ones) in fp32. A `.to(bfloat16)` would round inv_freq to bf16, a phase error of ~0.15 rad by position
+    ~800. The parameters are the fp32 model's, rounded: initialisation draws the same numbers for every dtype."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
     tok = build_tiny_tokenizer()
     vocab = ((len(tok) + 63) // 64) * 64
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
+        config = LlamaConfig(**common, rope_theta=10000.0)
     elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1e6))
+        config = Qwen2Config(**common, rope_theta=1e6)
     elif arch == "gemma3":
         # a short sliding window so the tests exercise sliding-window cache layers (Gemma-3's hybrid attention)
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=24,
-                                                   layer_types=["sliding_attention", "full_attention"]))
+        config = Gemma3TextConfig(**common, head_dim=16, sliding_window=24,
+                                  layer_types=["sliding_attention", "full_attention"])
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; expected llama, qwen2 or gemma3")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.architectures = [type(model).__name__]
-    return model.to(dtype).eval(), tok
+    return model.eval(), tok

@@ -21,10 +21,15 @@ from kvnotes import kv
 from kvnotes.attribution import agreement, splice_attribution
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import (Split, boot_args, choose_readouts, end_states, margins, pair_row,  # noqa: F401
+from probes.base import ProbeSpec
+from probes.common import (Split, boot_args, end_states, margins, pair_row,
                            prefill_pair, readout_key)
 
-PAPER_REFS = ["§9.2 batching", "Step 2 attribution patching"]
+CONTRACT = ProbeSpec(
+    name="attribution", paper_refs=("§9.2 batching", "Step 2 attribution patching"),
+    options={"batch_size": 400},             # splices per batched engine forward
+    not_reanalysable="its rows keep margin changes under the run's readout (exact_pos_delta_m, ...), not the "
+                     "per-token logit changes measure() returns, nor the unspliced stale / oracle states")
 KS = (1, 4, 8, 16)
 
 

@@ -11,10 +11,15 @@ import time
 
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import (Split, band, boot_args, choose_readouts, end_states, pair_row,  # noqa: F401
+from probes.base import ProbeSpec
+from probes.common import (Split, band, boot_args, end_states, pair_row,
                            prefill_pair, readout_key, recoveries)
 
-PAPER_REFS = ["P3", "§3.3"]
+CONTRACT = ProbeSpec(
+    name="layers", paper_refs=("P3", "§3.3"),
+    options={"batch_size": 400},             # splices per batched engine forward
+    not_reanalysable="its rows keep the spliced rows' logits (raw.rows) but not the unspliced stale / oracle "
+                     "states the readout is chosen on")
 KINDS = ("single", "upto", "from")
 
 

@@ -18,11 +18,25 @@ import time
 from kvnotes import kv
 from kvnotes.readout import Readout, candidate_logits
 from kvnotes.stats import summarize, summarize_proportion
-from probes.common import (RELAXED_TAU, Split, boot_args, choose_readouts, flip_direction, prefill_pair,  # noqa: F401
+from probes.base import ProbeSpec
+from probes.common import (RELAXED_TAU, Split, boot_args, flip_direction, prefill_pair,
                            readout_key)
 from probes.common import state_logits as _logits
 
-PAPER_REFS = ["Fig3a", "P1"]
+CONTRACT = ProbeSpec(
+    name="locality", paper_refs=("Fig3a", "P1"),
+    options={"batch_size": 16,               # spliced caches decoded per forward
+             "check_decode_instances": 1},   # on this many instances also check decode == full forward (I1)
+    reanalysable=True)
+
+
+def raw_from_row(row: dict, record: dict) -> dict:
+    """measure()'s output for one pair from its record row (which keeps every state's candidate logits + lse)."""
+    raw = {"states": row["raw"], "full_equals_oracle_max_abs": row["full_equals_oracle_max_abs"]}
+    if "decode_vs_forward_max_abs" in row:
+        raw["decode_vs_forward_max_abs"] = row["decode_vs_forward_max_abs"]
+    return raw
+
 
 # state name -> (positions from (a, b, line_end, dpos), which of K/V)
 SPLICES = {

@@ -18,10 +18,15 @@ import torch
 
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import summarize
-from probes.common import (Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair,  # noqa: F401
+from probes.base import ProbeSpec
+from probes.common import (Split, boot_args, end_states, pair_row, prefill_pair,
                            readout_key, recoveries)
 
-PAPER_REFS = ["P2", "§3.2"]
+CONTRACT = ProbeSpec(
+    name="positions", paper_refs=("P2", "§3.2"),
+    options={"batch_size": 400},             # splices per batched engine forward
+    not_reanalysable="its rows keep the spliced rows' logits (raw.rows) but not the unspliced stale / oracle "
+                     "states the readout is chosen on")
 
 
 def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = False) -> dict:
