@@ -52,7 +52,7 @@ def _slices(tau: str = "0.5") -> list:
     """Field-only / downstream-only recovery and the field-only new-decision rate by flip direction, over the
     included pairs and over every gated pair with |delta m| >= tau (locality's aggregate.slices)."""
     rows = []
-    for base, what in (("included", "included"), (f"abs_delta_m_ge_{tau}", f"|Δm| ≥ {tau}")):
+    for base, what in (("included", "included"), (f"abs_delta_m_ge_{tau}", f"\\|Δm\\| ≥ {tau}")):
         for d in ("allow->refuse", "refuse->allow"):
             for metric, label in (("field_only_recovery", "field-only"),
                                   ("downstream_only_recovery", "downstream-only"),
