@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402  (after the backend is chosen)
 
-from kvnotes.records import (MissingRecord, RecordError, load_aggregates, load_index, read_record,  # noqa: E402
+from kvnotes.records import (MissingRecord, RecordError, load_aggregates, load_index, read_record, _require,  # noqa: E402
                              record_path, registered_models, run_command)
 
 __all__ = ["RecordError", "MissingRecord", "fig3a", "main", "write_table", "output_stem", "note_missing_models"]
@@ -180,12 +180,7 @@ def fig3a_stem(scenarios: list[str], tag: str | None = None) -> str:
 # Record loading and validation
 # ---------------------------------------------------------------------------------------------------------------------
 def _get(rec: dict, path: Path, *keys: str):
-    node = rec
-    for i, key in enumerate(keys):
-        if not isinstance(node, dict) or key not in node:
-            raise RecordError(f"malformed record {path}: missing key '{'.'.join(keys[: i + 1])}'")
-        node = node[key]
-    return node
+    return _require(rec, path, *keys)
 
 
 def _is_number(x) -> bool:

@@ -672,7 +672,8 @@ def null_of_mean(
     per_pair_mean, p_floor = 1/(B+1), method, and for each observed series
     ``<name>_mean`` and the one-sided ``p_<name>_ge_null`` =
     (#{null mean >= observed mean} + 1)/(B + 1) (ties within a relative 1e-12
-    count as >=). Keys match ``probes/common.py:null_band`` plus the new ones.
+    count as >=). Keys are those of the steps 1-3 null band (n, n_draws, mean, lo, median, hi, per_pair_mean, <name>_mean,
+    p_<name>_ge_null) plus the new ones.
 
     Raises ValueError for no pairs, a pair with no draws, non-finite values,
     an observed series of the wrong length, bad alpha, or n_means < 2000
@@ -771,6 +772,15 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(min(1.0, res.pvalue))
 
 
+def _correlation(x: Sequence[Any], y: Sequence[Any], name: str) -> float | None:
+    xa, ya = _paired(x, y, name)
+    if xa.size < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        return None
+    fn = _sps.pearsonr if name == "pearson" else _sps.spearmanr
+    r = float(fn(xa, ya).statistic)
+    return r if math.isfinite(r) else None
+
+
 def pearson(x: Sequence[Any], y: Sequence[Any]) -> float | None:
     """Pearson correlation of two equal-length 1-D sequences (scipy.stats.pearsonr).
 
@@ -778,11 +788,7 @@ def pearson(x: Sequence[Any], y: Sequence[Any]) -> float | None:
     constant side). Raises ValueError on non-finite values or a length
     mismatch.
     """
-    xa, ya = _paired(x, y, "pearson")
-    if xa.size < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
-        return None
-    r = float(_sps.pearsonr(xa, ya).statistic)
-    return r if math.isfinite(r) else None
+    return _correlation(x, y, "pearson")
 
 
 def spearman(x: Sequence[Any], y: Sequence[Any]) -> float | None:
@@ -792,11 +798,7 @@ def spearman(x: Sequence[Any], y: Sequence[Any]) -> float | None:
     constant side). Raises ValueError on non-finite values or a length
     mismatch.
     """
-    xa, ya = _paired(x, y, "spearman")
-    if xa.size < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
-        return None
-    r = float(_sps.spearmanr(xa, ya).statistic)
-    return r if math.isfinite(r) else None
+    return _correlation(x, y, "spearman")
 
 
 # --------------------------------------------------------------------------

@@ -166,22 +166,3 @@ class Split:
 
     def parts(self) -> dict:
         return {"instances": self.included, "excluded": self.excluded, "controls": self.controls}
-
-
-def null_band(draws: list, observed: dict, alpha: float) -> dict:
-    """The null distribution of an across-pair mean: draw j's mean over the pairs (`draws[pair]` = that pair's null
-    draws; a pair with a single forced draw is broadcast), its alpha/2, median and 1 - alpha/2 quantiles, and for
-    each observed per-pair series the one-sided p-value of its mean against the null ((#null >= obs + 1) / (B + 1))."""
-    width = max(len(d) for d in draws)
-    if any(width % len(d) for d in draws):
-        raise ValueError("null draws per pair must be all equal in number, or one (a forced draw)")
-    mat = torch.tensor([list(d) * (width // len(d)) for d in draws], dtype=torch.float64)     # [pairs, draws]
-    means = mat.mean(0)
-    q = torch.quantile(means, torch.tensor([alpha / 2, 0.5, 1 - alpha / 2], dtype=torch.float64)).tolist()
-    out = {"n": len(draws), "n_draws": width, "mean": float(means.mean()), "lo": q[0], "median": q[1], "hi": q[2],
-           "per_pair_mean": mat.mean(1).tolist()}
-    for name, obs in observed.items():
-        m = sum(obs) / len(obs)
-        out[f"{name}_mean"] = m
-        out[f"p_{name}_ge_null"] = float(((means >= m).sum() + 1) / (len(means) + 1))
-    return out

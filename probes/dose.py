@@ -11,16 +11,23 @@ field-only recovery against the field's distance, with a cluster-bootstrap CI.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
+from scipy import stats as sps
 
-from kvnotes.attribution import spearman
 from kvnotes.engine import Splice, SpliceEngine
-from kvnotes.stats import summarize
-from probes.common import (Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair,  # noqa: F401
+from kvnotes.stats import spearman, summarize
+from probes.base import ProbeSpec
+from probes.common import (Split, boot_args, end_states, pair_row, prefill_pair,
                            readout_key, recoveries)
 
-PAPER_REFS = ["P7", "§3.7"]
+CONTRACT = ProbeSpec(
+    name="dose", paper_refs=("P7", "§3.7"),
+    options={"batch_size": 400},
+    scenarios={"diverse_dose": {}},          # the instances carry their placement level
+    not_reanalysable="its rows keep recoveries under the run's readout, not the spliced rows' candidate logits, "
+                     "nor the unspliced stale / oracle states")
 FRACS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 SETS = ("field", "downstream", "full")
 
@@ -77,22 +84,44 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
 
 
 def _spearman_ci(rows: list, stats: dict) -> dict:
-    """rho(distance, field-only recovery) over included pairs, with a percentile CI resampling scenarios."""
+    """rho(distance, field-only recovery) over included pairs (scipy's spearmanr, average ranks for ties, through
+    `kvnotes.stats.spearman`), with a percentile CI from `scipy.stats.bootstrap` resampling the scenarios (clusters)
+    with replacement, each drawn scenario bringing all its pairs; per resample rho = Pearson's r of scipy's average
+    ranks (numpy corrcoef), the same statistic: B = stats.n_boot resamples, seeded with stats.seed
+    (before: a hand-written copy of this bootstrap that silently capped B at 2000). Resamples where rho is undefined
+    (distance or recovery constant) are left out of the interval and counted in n_degenerate_resamples. No interval
+    with fewer than two scenarios (nothing to resample), as in `kvnotes.stats.summarize`."""
     if len(rows) < 3:
         return {"rho": None, "ci": None, "n": len(rows)}
     x = np.array([r["distance"] for r in rows], dtype=float)
     y = np.array([r["field_recovery"] for r in rows], dtype=float)
-    rho = float(spearman(x, y))
+    rho = spearman(x, y)
     groups = {}
     for i, r in enumerate(rows):
         groups.setdefault(r["scenario"], []).append(i)
-    keys = sorted(groups)
-    rng = np.random.default_rng(stats["seed"])
-    boots = []
-    for _ in range(min(int(stats["n_boot"]), 2000)):
-        idx = [i for k in rng.choice(len(keys), len(keys)) for i in groups[keys[k]]]
-        if len(set(x[idx])) > 1:
-            boots.append(float(spearman(x[idx], y[idx])))
-    lo, hi = np.quantile(boots, [stats["alpha"] / 2, 1 - stats["alpha"] / 2]).tolist()
-    return {"rho": rho, "ci": [lo, hi], "ci_method": "cluster (scenario) bootstrap, percentile", "n": len(rows),
-            "n_clusters": len(keys)}
+    members = [np.array(groups[k]) for k in sorted(groups)]
+    out = {"rho": rho, "ci": None, "ci_method": None, "n": len(rows), "n_clusters": len(members)}
+    if len(members) < 2:
+        out["ci_method"] = "none (1 scenario: no scenario to resample)"
+        return out
+
+    def rho_of(clusters):          # what kvnotes.stats.spearman computes, without its per-call validation cost
+        idx = np.concatenate([members[int(c)] for c in clusters])
+        xs, ys = x[idx], y[idx]
+        if np.ptp(xs) == 0 or np.ptp(ys) == 0:
+            return np.nan
+        return np.corrcoef(sps.rankdata(xs), sps.rankdata(ys))[0, 1]
+
+    alpha, n_boot = float(stats["alpha"]), int(stats["n_boot"])
+    with warnings.catch_warnings():      # undefined resamples are handled below, not by scipy's interval
+        warnings.simplefilter("ignore", sps.DegenerateDataWarning)
+        res = sps.bootstrap((np.arange(len(members)),), rho_of, n_resamples=n_boot, vectorized=False,
+                            confidence_level=1 - alpha, method="percentile", rng=np.random.default_rng(stats["seed"]))
+    dist = np.asarray(res.bootstrap_distribution, dtype=float)
+    ok = np.isfinite(dist)
+    if ok.any():
+        out["ci"] = np.quantile(dist[ok], [alpha / 2, 1 - alpha / 2]).tolist()
+    out.update({"ci_method": f"cluster (scenario) bootstrap, percentile (scipy.stats.bootstrap over the "
+                             f"{len(members)} scenarios), B={n_boot}",
+                "B": n_boot, "n_degenerate_resamples": int((~ok).sum())})
+    return out

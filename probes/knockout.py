@@ -31,11 +31,17 @@ import torch
 
 from kvnotes import kv
 from kvnotes.engine import Splice, SpliceEngine
-from kvnotes.stats import summarize, summarize_proportion
-from probes.common import (Split, band, boot_args, choose_readouts, end_states, null_band, pair_row,  # noqa: F401
-                           prefill_pair, readout_key)
+from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize, summarize_proportion
+from probes.base import ProbeSpec
+from probes.common import (Split, band, boot_args, end_states, pair_row, prefill_pair,
+                           readout_key)
 
-PAPER_REFS = ["P6", "§3.6", "E1", "E2", "E4"]
+CONTRACT = ProbeSpec(
+    name="knockout", paper_refs=("P6", "§3.6", "E1", "E2", "E4"),
+    options={"batch_size": 400, "n_random": 50, "seed": 0},
+    measure_options=("batch_size", "n_random", "seed"),
+    not_reanalysable="its rows keep each intervention's margin and decision, not the candidate logits measure() "
+                     "returns, nor the unspliced stale / oracle states")
 STATES = ("field_only", "stale", "oracle")
 FRACS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 BANDS = ("early", "mid", "late", "all")
@@ -149,6 +155,18 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
 
 
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
+    """Per-pair knockout outcomes per state, cluster summaries per cell, and the matched-mass random null.
+
+    `random_matched_mass/<f>` (per state): `kvnotes.stats.null_of_mean` on each included pair's n_random stored
+    random-position knockouts: B = max(2000, stats.n_boot) null means of recovery (and of the 0/1 "decision is the
+    oracle's", `p_new`, without a p-value), each the mean over pairs of one draw picked independently per pair,
+    with lo / median / hi, p_floor = 1/(B+1) and the one-sided p_graded_mask_ge_null of the top-attention mask
+    knockout. With n_random = 50 draws a pair's own null has at most 50 distinct values (and `p_new` only 0 or 1),
+    but the null of the across-pair mean built by independent per-pair resampling is still valid: under the null a
+    pair's draws are exchangeable with its observed value and are drawn independently of the other pairs' (the null
+    conditions on the pairs). Its resolution is set by B, not by n_random; n_random bounds how well each pair's null
+    is known. (Before: draw j's mean over pairs, so only n_random null means and a p floor of 1/51.)
+    """
     split = Split(exclusion)
     for inst in instances:
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
@@ -189,8 +207,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
 
     included, boot = split.included, boot_args(stats)
     clusters = split.clusters
+    n_means = max(MIN_NULL_DRAWS, int(stats["n_boot"]))
     agg = {}
-    for state in STATES:
+    for si, state in enumerate(STATES):
         sa = {"base": _cell(included, clusters, lambda r: r["knockout"][state]["base"], boot),
               "E4_attention_mass": {g: summarize([r["knockout"][state]["base"]["mass"][g] for r in included], clusters,
                                                  **boot) for g in list(GROUPS) + ["self"]}}
@@ -198,13 +217,14 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
             sa[kind] = {k: {m: _cell(included, clusters, lambda r, k=k, m=m: r["knockout"][state][kind][k][m], boot)
                             for m in METHODS} for k in keys}
         sa["random_matched_mass"] = {}
-        for f in [str(f) for f in FRACS[1:-1]]:
+        for fi, f in enumerate([str(f) for f in FRACS[1:-1]]):
             draws = [r["knockout"][state]["random"][f]["recovery"] for r in included]
             obs = [r["knockout"][state]["graded"][f]["mask"]["recovery"] for r in included]
             p_new = [[float(d == r["dec_oracle"]) for d in r["knockout"][state]["random"][f]["decision"]]
                      for r in included]
-            sa["random_matched_mass"][f] = {"recovery": null_band(draws, {"graded_mask": obs}, stats["alpha"]),
-                                            "p_new": null_band(p_new, {}, stats["alpha"])} if included else {}
+            null = {"alpha": stats["alpha"], "n_means": n_means, "seed": [int(stats["seed"]), si, fi]}
+            sa["random_matched_mass"][f] = {"recovery": null_of_mean(draws, {"graded_mask": obs}, **null),
+                                            "p_new": null_of_mean(p_new, {}, **null)} if included else {}
         # how the decision's attention redistributes under the knockouts, per layer (head mean, mean over pairs)
         sa["mass_by_layer"] = {key: torch.tensor([r["knockout"][state]["mass_by_layer"][key] for r in included])
                                .mean(0).tolist() for key in (included[0]["knockout"][state]["mass_by_layer"]

@@ -25,11 +25,17 @@ import random
 import time
 
 from kvnotes.engine import Splice, SpliceEngine
-from kvnotes.stats import summarize
-from probes.common import (Split, boot_args, choose_readouts, end_states, exclusion_reasons, null_band,  # noqa: F401
-                           pair_row, prefill_pair, readout_key, recoveries)
+from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
+from probes.base import ProbeSpec
+from probes.common import (Split, boot_args, end_states, exclusion_reasons, pair_row,
+                           prefill_pair, readout_key, recoveries)
 
-PAPER_REFS = ["P4", "P5", "§3.4", "§3.5", "§3.12", "Fig3b"]
+CONTRACT = ProbeSpec(
+    name="topk", paper_refs=("P4", "P5", "§3.4", "§3.5", "§3.12", "Fig3b"),
+    options={"batch_size": 400, "n_null": 200, "n_uniform_null": 100, "null_seed": 0},
+    second_pass=True,
+    not_reanalysable="its rows keep recoveries, not the second pass's candidate logits (top-k, null and "
+                     "suffix / prefix sets), nor the unspliced stale / oracle states")
 KS = (1, 2, 4, 8, 16, 32, 64, 128)
 FRACS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 
@@ -166,6 +172,24 @@ def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 400) -> di
 
 # -- analysis ---------------------------------------------------------------------------------------------------------
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
+    """Per-pair recoveries of every planned set, cluster summaries of the curves, and the random-k nulls.
+
+    Nulls (`null_matched`, `null_uniform`, per k): `kvnotes.stats.null_of_mean` on each included pair's stored
+    draws (probe.n_null matched, probe.n_uniform_null uniform; one forced draw at k >= n_down): B = max(2000,
+    stats.n_boot) null means, each the mean over pairs of one draw picked independently per pair: valid because
+    under the null a pair's draws are exchangeable with its observed value and are drawn independently of the other
+    pairs' (the null conditions on the pairs; pairs of one scenario share a template). Keys: n, n_draws (per pair),
+    B, mean, lo, median, hi, per_pair_mean, p_floor = 1/(B+1), topk_in_mean / topk_cf_mean and the one-sided
+    p_topk_in_ge_null / p_topk_cf_ge_null. (Before: draw j's mean over pairs, so only n_null null means.)
+
+    What the null matches: the in-sample top-k set is ranked on the same pair's single-position recoveries, and its
+    k and fine-label mix define the matched draws, which are random sets of that size and mix, not ranked by
+    anything. So p_topk_in_ge_null asks whether ranking by single recovery picks better sets than chance at equal
+    size and label mix; the selection itself is not replicated in the null (no draw is "the best k of a random
+    ranking"), so it is not a test that the in-sample ranking generalises: topk_cf (ranked on the other scenarios'
+    pairs) is that test. p_topk_cf_ge_null compares the cross-fitted set against the null matched to the IN-SAMPLE
+    set's label mix, which can differ from the cross-fitted set's own mix.
+    """
     split = Split(exclusion)
     for inst in instances:
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
@@ -204,14 +228,16 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     agg["suffix"] = curve("suffix", [str(f) for f in FRACS])
     agg["prefix"] = curve("prefix", [str(f) for f in FRACS])
     agg["n_down"] = summarize([r["plan"]["n_down"] for r in included], split.clusters, **boot)
-    for kind in ("null_matched", "null_uniform"):
+    n_means = max(MIN_NULL_DRAWS, int(stats["n_boot"]))
+    for ni, kind in enumerate(("null_matched", "null_uniform")):
         agg[kind] = {}
-        for k in k_keys:
+        for ki, k in enumerate(k_keys):
             rows = [r for r in included if k in r.get(kind, {})]
             if rows:
-                agg[kind][k] = null_band([r[kind][k] for r in rows],
-                                         {o: [r[o][k] for r in rows] for o in ("topk_in", "topk_cf")
-                                          if all(k in r.get(o, {}) for r in rows)}, stats["alpha"])
+                agg[kind][k] = null_of_mean([r[kind][k] for r in rows],
+                                            {o: [r[o][k] for r in rows] for o in ("topk_in", "topk_cf")
+                                             if all(k in r.get(o, {}) for r in rows)},
+                                            alpha=stats["alpha"], n_means=n_means, seed=[int(stats["seed"]), ni, ki])
     agg["jaccard_in_cf"] = {k: summarize([r["jaccard_in_cf"][k] for r in included if k in r.get("jaccard_in_cf", {})],
                                          [r["scenario"] for r in included if k in r.get("jaccard_in_cf", {})], **boot)
                             for k in k_keys if any(k in r.get("jaccard_in_cf", {}) for r in included)}

@@ -20,7 +20,6 @@ instance (a sanity check, true by construction up to numerics). The unmodified s
 """
 from __future__ import annotations
 
-import math
 import string
 import time
 from pathlib import Path
@@ -31,16 +30,34 @@ import yaml
 from kvnotes import kv
 from kvnotes.models import REPO_ROOT
 from kvnotes.readout import candidate_logits
-from kvnotes.stats import summarize, summarize_proportion
-from probes.common import Split, boot_args, choose_readouts, end_states, pair_row, prefill_pair, readout_key  # noqa: F401
+from kvnotes.stats import mcnemar_exact as mcnemar_p, summarize, summarize_proportion
+from probes.base import ProbeSpec
+from probes.common import Split, boot_args, end_states, pair_row, prefill_pair, readout_key
 from scenarios.render import render_text, tokenize
 
-PAPER_REFS = ["P9", "§3.9", "Fig. 3d"]
+CONTRACT = ProbeSpec(
+    name="wording", paper_refs=("P9", "§3.9", "Fig. 3d"),
+    # variants / baseline / paired_test: None takes them from configs/probe/wording.yaml (load_options)
+    options={"batch_size": 16, "check_decode_instances": 1, "variants": None, "baseline": None, "paired_test": None},
+    measure_options=("batch_size", "variants", "baseline", "paired_test"),
+    scenarios={"diverse": {}, "family_a": {}},   # where the generator marks the note's place (Instance.note_at)
+    reanalysable=True)
 CONFIG = REPO_ROOT / "configs" / "probe" / "wording.yaml"
 SETTINGS = ("oracle", "stale")
 PLACEHOLDERS = ("field", "old", "new")
 SUPPORTED = "diverse (every layout) and family_a"
 OPTIONS = ("variants", "baseline", "paired_test")   # the probe options measure() takes from the probe config
+
+
+def raw_from_row(row: dict, record: dict) -> dict:
+    """measure()'s output for one pair from its record row (candidate logits of every wording x setting and of the
+    plain states) and the record's wording block (the options every pair was measured with)."""
+    raw = {**row["raw"], "options": {k: record["wording"][k] for k in OPTIONS}, "site": row["site"],
+           "update_text": row["update_text"], "layout": row["layout"],
+           "no_note_vs_plain_max_abs": row["no_note_vs_plain_max_abs"]}
+    if "cached_vs_full_prefill_max_abs" in row:
+        raw["cached_vs_full_prefill_max_abs"] = row["cached_vs_full_prefill_max_abs"]
+    return raw
 
 
 class UnsupportedFamilyError(ValueError):
@@ -192,16 +209,19 @@ def measure(lm, pair, token_ids, batch_size: int = 16, check_decode: bool = Fals
 
 # ---------------------------------------------------------------- statistics without the model
 def mcnemar_exact(x: list, y: list, alpha: float = 0.05) -> dict:
-    """Exact two-sided McNemar test on paired booleans: a binomial(n_discordant, 1/2) test of the discordant pairs."""
+    """Exact two-sided McNemar test on paired booleans: a binomial(n_discordant, 1/2) test of the discordant pairs,
+    from statsmodels (`mcnemar(table, exact=True)`, through `kvnotes.stats.mcnemar_exact`; p = 1 without
+    discordant pairs)."""
     if len(x) != len(y):
         raise ValueError(f"paired outcomes of different lengths: {len(x)} vs {len(y)}")
     only_x = sum(1 for u, v in zip(x, y) if u and not v)
     only_y = sum(1 for u, v in zip(x, y) if v and not u)
     n = only_x + only_y
-    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_x, only_y) + 1)) / 2 ** n)
+    p = mcnemar_p(only_x, only_y)
     return {"n_pairs": len(x), "k_first_only": only_x, "k_second_only": only_y, "n_discordant": n,
             "p_exact_two_sided": p, "significant": p < alpha,
-            "method": "exact McNemar (two-sided binomial test on discordant pairs; ignores clustering by scenario)"}
+            "method": "exact McNemar (statsmodels; two-sided binomial test on discordant pairs; ignores clustering by "
+                      "scenario)"}
 
 
 def _direction(inst) -> str:

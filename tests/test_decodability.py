@@ -189,6 +189,69 @@ def test_permutations_stay_within_scenario_and_bad_input_is_refused():
         dec.decode_array({"b64": ""})
 
 
+def test_batched_newton_gives_the_one_problem_at_a_time_fit(single_thread):
+    # the solver batches label vectors and layers, shares the Hessian product, and retires converged problems
+    x, y, groups = _synthetic(seed=5, n_groups=4, per_group=6, d=30, signal=0.8)
+    g = torch.Generator().manual_seed(6)
+    xs = torch.stack([x, 0.5 * x + torch.randn(x.shape, generator=g, dtype=torch.float64)])     # 2 "layers"
+    labels = torch.from_numpy(dec.permute_within(y.numpy(), groups, 6, 1)).to(torch.float64)
+    batch = dec.loso_logistic(xs, labels, groups)
+    for p in range(len(labels)):
+        for layer in range(2):
+            one = dec.loso_logistic(xs[layer], labels[p], groups)[0, 0]
+            assert torch.allclose(batch[p, layer], one, rtol=0, atol=1e-8)
+
+
+def test_null_layer_grid_is_fixed_by_the_depth_and_skips_the_embedding(monkeypatch):
+    assert dec.null_layers(28, 7) == [4, 8, 12, 16, 20, 24, 28]
+    assert dec.null_layers(2, 7) == [1, 2]
+    assert dec.null_layers(28) == dec.null_layers(28, dec.N_NULL_LAYERS)
+    for n_layers in (5, 12, 28, 36, 61):
+        grid = dec.null_layers(n_layers, 7)
+        assert grid[-1] == n_layers and 0 not in grid and len(grid) <= 7
+    monkeypatch.setattr(dec, "N_NULL_LAYERS", None)
+    assert dec.null_layers(4) == [0, 1, 2, 3, 4]
+
+
+def test_both_targets_have_the_same_permutation_null():
+    insts = diverse.make_instances(4, 0, polarity="mixed")
+    arms = [(i.scenario, dec.arm_labels(i, arm)) for i in insts if i.kind == "gated" for arm in ("old", "new")]
+    groups = [g for g, _ in arms]
+    conclusion = [lab["conclusion"] for _, lab in arms]
+    value = [lab["field_value"] for _, lab in arms]
+    assert conclusion != value
+    assert dec.permutation_orbit(conclusion, groups) == dec.permutation_orbit(value, groups)
+    assert dec.permutation_orbit([1, 0, 1, 1], list("aabb")) != dec.permutation_orbit([1, 0, 1, 0], list("aabb"))
+
+
+def test_max_over_layers_null_puts_the_layer_choice_inside_the_test(single_thread):
+    g = torch.Generator().manual_seed(2)
+    n_groups, per = 5, 8
+    groups = [f"s{k % n_groups}" for k in range(n_groups * per)]
+    y = torch.tensor([(k // n_groups) % 2 for k in range(len(groups))], dtype=torch.float64)
+    x = torch.randn(5, len(groups), 12, generator=g, dtype=torch.float64)        # layers 0-3: noise
+    x[4, :, :3] += 1.5 * (2 * y - 1)[:, None]                                      # layer 4: a planted signal
+    assert dec.N_PERM >= 2000
+    per_layer = dec.permutation_null(x, y.numpy(), groups, [0, 1, 2, 3, 4], dec.N_PERM, seed=0)
+    assert per_layer.shape == (dec.N_PERM, 5)
+    # chunks of permutations run on worker threads: the result does not depend on how many
+    assert np.array_equal(per_layer, dec.permutation_null(x, y.numpy(), groups, [0, 1, 2, 3, 4], dec.N_PERM, seed=0,
+                                                          workers=2))
+    prob = dec.loso_logistic(x, y, groups)[0]
+    accs = ((prob > 0.5).to(torch.float64) == y).to(torch.float64).mean(-1).tolist()
+    signal = dec.max_over_layers_test(accs, [0, 1, 2, 3, 4], per_layer.max(1))
+    assert signal["observed_layer"] == 4 and signal["observed"] == max(accs) >= 0.9
+    assert signal["p_value"] == signal["p_floor"] == 1 / (dec.N_PERM + 1) and "warning" not in signal
+    noise = dec.max_over_layers_test(accs, [0, 1, 2, 3], per_layer[:, :4].max(1))
+    assert noise["p_value"] > 0.05 and noise["observed_layer"] != 4
+    # the same accuracy tested at its layer alone (the old, in-sample choice) has the smaller, optimistic p-value
+    best = noise["observed_layer"]
+    alone = dec.max_over_layers_test(accs, [best], per_layer[:, best])
+    assert alone["p_value"] <= noise["p_value"] and noise["p95"] >= alone["p95"]
+    with pytest.raises(ValueError, match="at least one layer"):
+        dec.null_layers(28, 0)
+
+
 # ---------------------------------------------------------------------------------------------- real forward
 def test_anchor_residuals_equal_an_independent_forward(tiny, get_pair, single_thread):
     pair = get_pair(tiny, "diverse")
@@ -216,7 +279,7 @@ def test_anchor_positions_refuse_a_layout_without_downstream_line(tiny, get_pair
 
 
 def test_end_to_end_record_on_tiny_llama(tmp_path, monkeypatch, single_thread):
-    monkeypatch.setattr(dec, "N_PERM", 20)      # the real default (200) is exercised on real runs; keep this fast
+    monkeypatch.setattr(dec, "N_PERM", 20)      # the real default (2000) is exercised on real runs; keep this fast
     rec = run_module.run(_cfg(tmp_path, "probe=decodability", "model=tiny-llama", "scenario=diverse_polarity",
                               "n_instances=4", *RELAXED))
     path = tmp_path / "decodability" / "tiny-llama" / "diverse_polarity.json"
@@ -237,8 +300,17 @@ def test_end_to_end_record_on_tiny_llama(tmp_path, monkeypatch, single_thread):
                 assert all(pt["n"] == 80 and pt["n_clusters"] == 10 and pt["ci"][0] <= pt["mean"] <= pt["ci"][1]
                            for pt in curve)
             best = agg["best_layer"][anchor][target]
-            assert best["accuracy"] == max(pt["mean"] for pt in agg["logistic"][anchor][target])
-            assert best["null"]["n_perm"] == 20 and 0 < best["null"]["p_value"] <= 1
+            curve = agg["logistic"][anchor][target]
+            assert best["accuracy"] == max(pt["mean"] for pt in curve)
+            null = best["null"]
+            assert null["n_perm"] == 20 and null["p_floor"] == 1 / 21 and null["p_floor"] <= null["p_value"] <= 1
+            assert null["layers"] == dec.null_layers(n_layers) == agg["method"]["null_layers"]
+            assert null["observed"] == max(curve[li]["mean"] for li in null["layers"]) <= best["accuracy"]
+            assert null["observed_layer"] in null["layers"] and null["labels_permuted"] == "conclusion"
+            assert "20 permutations" in null["warning"] and "p_value_bonferroni_layers" not in null
+        # one permutation sample serves both targets (same per-scenario label counts)
+        nulls = [agg["best_layer"][anchor][t]["null"] for t in dec.TARGETS]
+        assert [nl["p95"] for nl in nulls] == [nulls[0]["p95"]] * 2
         assert set(agg["write_depth"][anchor]) >= {"layer", "depth", "threshold"}
     # layer 0 is the token embedding: at a single-token anchor every sample is the same vector -> exactly chance
     for anchor, accs in rec["sanity"]["layer0_pointwise_accuracy"].items():

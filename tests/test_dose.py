@@ -42,7 +42,28 @@ def test_dose_probe_by_level(tmp_path):
     for r in rec["instances"]:
         assert r["suffix"]["1.0"] == pytest.approx(r["full_recovery"])
         assert r["suffix_frac_for_80pct"] in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
-    assert agg["spearman_field_only_vs_distance"]["n"] == 50
+    rho = agg["spearman_field_only_vs_distance"]
+    assert rho["n"] == 50 and rho["n_clusters"] == 10 and rho["B"] == 500    # stats.n_boot of the test config
+    assert -1 <= rho["ci"][0] <= rho["ci"][1] <= 1 and "scipy.stats.bootstrap" in rho["ci_method"]
+
+
+def test_spearman_ci_uses_every_requested_resample_and_scipys_rho():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from probes import dose
+
+    rng = np.random.default_rng(3)
+    rows = [{"scenario": f"s{g}", "distance": float(d), "field_recovery": float(1 - d / 100 + rng.normal(0, 0.3))}
+            for g in range(6) for d in (5, 20, 20, 60)]
+    out = dose._spearman_ci(rows, {"alpha": 0.05, "n_boot": 3000, "seed": 0})
+    want = spearmanr([r["distance"] for r in rows], [r["field_recovery"] for r in rows]).statistic
+    assert out["rho"] == pytest.approx(want, abs=1e-12)
+    assert out["B"] == 3000 and out["n_degenerate_resamples"] == 0        # no silent cap at 2000
+    assert out["ci"][0] < out["rho"] < out["ci"][1]
+    assert out == dose._spearman_ci(rows, {"alpha": 0.05, "n_boot": 3000, "seed": 0})     # seeded
+    one = dose._spearman_ci(rows[:4], {"alpha": 0.05, "n_boot": 3000, "seed": 0})
+    assert one["ci"] is None and one["n_clusters"] == 1 and "1 scenario" in one["ci_method"]
 
 
 def test_dose_probe_refuses_a_family_without_levels(tmp_path):

@@ -118,7 +118,15 @@ def test_knockout_probe_states_and_sanity(record, tmp_path):
             assert agg[state]["band"]["all"][method]["p_new"]["n"] == 10
         cell = agg[state]["band"]["all"]["mask"]
         assert cell["mass"]["downstream"] == 0 and cell["kl"]["mean"] > 0
-        assert agg[state]["random_matched_mass"]["0.5"]["recovery"]["n_draws"] == 5
+        null = agg[state]["random_matched_mass"]["0.5"]
+        assert null["recovery"]["n_draws"] == 5 and null["p_new"]["n_draws"] == 5
+        # B >= 2000 null means from independent per-pair draws, however few draws a pair has; p floor beside p
+        assert null["recovery"]["B"] >= 2000 and null["recovery"]["p_floor"] == 1 / (null["recovery"]["B"] + 1)
+        assert null["recovery"]["p_floor"] <= null["recovery"]["p_graded_mask_ge_null"] <= 1
+        graded = agg[state]["graded"]["0.5"]["mask"]["recovery"]["mean"]
+        assert null["recovery"]["graded_mask_mean"] == pytest.approx(graded)
+        assert null["recovery"]["lo"] <= null["recovery"]["median"] <= null["recovery"]["hi"]
+        assert not any(k.startswith("p_") and k.endswith("_ge_null") for k in null["p_new"])
         # all-layer knockout of everything downstream is the same set whether reached by fraction or by band
         assert agg[state]["graded"]["1.0"]["mask"]["recovery"]["mean"] == pytest.approx(
             agg[state]["band"]["all"]["mask"]["recovery"]["mean"])

@@ -72,6 +72,13 @@ def test_null_band_and_curves_cover_every_pair(record):
         assert agg["topk_in"][k]["n"] == n and agg["topk_cf"][k]["n"] == n
         band = agg["null_matched"][k]
         assert band["n"] == n and band["lo"] <= band["median"] <= band["hi"]
+        # B null means from independent per-pair draws (not the 20 draw-j means), p floor beside every p-value
+        for kind in ("null_matched", "null_uniform"):
+            nb = agg[kind][k]
+            assert nb["B"] >= 2000 and nb["p_floor"] == 1 / (nb["B"] + 1)
+            assert nb["p_floor"] <= nb["p_topk_in_ge_null"] <= 1 and nb["p_floor"] <= nb["p_topk_cf_ge_null"] <= 1
+            assert nb["topk_in_mean"] == pytest.approx(agg["topk_in"][k]["mean"])
+            assert nb["mean"] == pytest.approx(sum(nb["per_pair_mean"]) / n)
     assert agg["null_matched"]["8"]["n_draws"] == 20 and agg["null_uniform"]["8"]["n_draws"] == 10
     # the controls get no null draws
     assert all("null_matched" not in r for r in record["controls"])

@@ -1,6 +1,7 @@
 """The P9 wording probe on tiny models: the note lands where it should and nothing else changes, the cached path
 equals a full forward of the modified prompt, the no-note variant is the plain decode, and clear errors on bad input."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -174,6 +175,16 @@ def test_mcnemar_exact():
     t = wording.mcnemar_exact([True] * 9 + [False], [False] * 9 + [True])
     assert t["p_exact_two_sided"] == pytest.approx(2 * 11 / 1024) and t["significant"]
     assert wording.mcnemar_exact([True, False], [True, False])["p_exact_two_sided"] == 1.0
+    # statsmodels' exact test equals the closed form it replaced: 2 P(Binomial(b + c, 1/2) <= min(b, c)), capped at 1
+    for b in range(9):
+        for c in range(9):
+            t = wording.mcnemar_exact([True] * b + [False] * c + [True], [False] * b + [True] * c + [True])
+            n = b + c
+            want = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+            assert (t["k_first_only"], t["k_second_only"], t["n_pairs"]) == (b, c, n + 1)
+            assert t["p_exact_two_sided"] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="different lengths"):
+        wording.mcnemar_exact([True], [True, False])
 
 
 def test_record_layout(record):
