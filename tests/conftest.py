@@ -166,3 +166,17 @@ def tiny_by_name():
             cache[name] = load_model(name)
         return cache[name]
     return get
+
+
+def config_domains(scenario: str = "diverse") -> list:
+    """The domains a scenario config runs: its explicit list, or every domain file (null). Tests count with this
+    instead of hard-coding how many domains there are."""
+    import yaml
+    from pathlib import Path
+    from scenarios import diverse
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "scenario" / f"{scenario}.yaml")
+                            .read_text())["params"]
+    return list(params.get("domains") or diverse.domains())
+
+
+N_DIVERSE = len(config_domains("diverse"))   # gated pairs per instance index of `scenario=diverse`

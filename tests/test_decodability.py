@@ -14,6 +14,7 @@ import run as run_module
 from probes import decodability as dec
 from scenarios import diverse
 from test_run import _cfg
+from conftest import N_DIVERSE
 
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
 
@@ -289,7 +290,7 @@ def test_end_to_end_record_on_tiny_llama(tmp_path, monkeypatch, single_thread):
         assert key in rec
     assert not {"b64", "residuals"} & _keys(json.loads(path.read_text()))    # no raw residual arrays in the record
     agg, s = rec["aggregate"], rec["summary"]
-    assert s["n_included"] == 40 and agg["n_samples"] == 80 and s["n_samples"] == 80
+    assert s["n_included"] == 4 * N_DIVERSE and agg["n_samples"] == s["n_samples"] == 8 * N_DIVERSE
     assert abs(agg["targets"]["correlation"]) < 1e-9 and "decorrelated" in s["finding"]
     n_layers = agg["n_layers"]
     for anchor in dec.ANCHORS:
@@ -297,7 +298,7 @@ def test_end_to_end_record_on_tiny_llama(tmp_path, monkeypatch, single_thread):
             for probe in ("logistic", "diff_means"):
                 curve = agg[probe][anchor][target]
                 assert [pt["layer"] for pt in curve] == list(range(n_layers + 1))
-                assert all(pt["n"] == 80 and pt["n_clusters"] == 10 and pt["ci"][0] <= pt["mean"] <= pt["ci"][1]
+                assert all(pt["n"] == 8 * N_DIVERSE and pt["n_clusters"] == N_DIVERSE and pt["ci"][0] <= pt["mean"] <= pt["ci"][1]
                            for pt in curve)
             best = agg["best_layer"][anchor][target]
             curve = agg["logistic"][anchor][target]

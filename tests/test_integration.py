@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from kvnotes.models import REPO_ROOT, WeightsNotInstalledError, model_spec, part_paths
+from conftest import N_DIVERSE
 
 
 def _installed():
@@ -30,7 +31,7 @@ def test_locality_on_smollm2_from_the_entry_point(tmp_path):
     rec = json.loads((tmp_path / "locality" / "smollm2-135m" / "diverse.json").read_text())
     assert rec["model"]["name"] == "smollm2-135m" and rec["model"]["n_layers"] == 30
     assert rec["model"]["sha256"].startswith("b179c952")
-    assert rec["summary"]["n_gated"] == 10 and rec["summary"]["n_controls"] == 1
+    assert rec["summary"]["n_gated"] == N_DIVERSE and rec["summary"]["n_controls"] == 1
     assert rec["sanity"]["decode_vs_forward_max_abs"] < 1e-3
     assert rec["sanity"]["full_equals_oracle_max_abs"] < 1e-3
     # the readout's candidate tokens carry most of the probability mass at the decision, or the record says not

@@ -10,6 +10,7 @@ from kvnotes import kv
 from kvnotes.engine import Splice, SpliceEngine
 from probes import knockout
 from test_run import _cfg
+from conftest import N_DIVERSE
 
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
 
@@ -101,7 +102,7 @@ def record(tmp_path_factory):
 
 
 def test_knockout_probe_states_and_sanity(record, tmp_path):
-    assert record["summary"]["n_included"] == 10
+    assert record["summary"]["n_included"] == N_DIVERSE
     agg = record["aggregate"]
     assert agg["oracle"]["base"]["recovery"]["mean"] == pytest.approx(1.0, abs=1e-4)     # sanity (by construction)
     assert agg["stale"]["base"]["recovery"]["mean"] == pytest.approx(0.0, abs=1e-4)
@@ -115,7 +116,7 @@ def test_knockout_probe_states_and_sanity(record, tmp_path):
     for state in knockout.STATES:
         for method in knockout.METHODS:
             assert set(agg[state]["graded"]) == {str(f) for f in knockout.FRACS}
-            assert agg[state]["band"]["all"][method]["p_new"]["n"] == 10
+            assert agg[state]["band"]["all"][method]["p_new"]["n"] == N_DIVERSE
         cell = agg[state]["band"]["all"]["mask"]
         assert cell["mass"]["downstream"] == 0 and cell["kl"]["mean"] > 0
         null = agg[state]["random_matched_mass"]["0.5"]

@@ -17,6 +17,7 @@ from kvnotes.models import (REPO_ROOT, ModelCacheMissingError, UnknownModelError
 from kvnotes.records import Progress, config_hash
 from probes.base import ProbeConfigError
 from scenarios import make_instances
+from conftest import N_DIVERSE
 
 CONFIGS = str(REPO_ROOT / "configs")
 
@@ -213,7 +214,7 @@ def test_attribution_probe_records_exact_and_estimated_effects(tmp_path):
     rec = run_module.run(_cfg(tmp_path, "probe=attribution", "model=tiny-llama", "exclusion.require_flip=false",
                               "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0"))
     assert (tmp_path / "attribution" / "tiny-llama" / "diverse.json").exists()
-    assert rec["summary"]["n_included"] == 10 and rec["summary"]["n_controls"] == 1
+    assert rec["summary"]["n_included"] == N_DIVERSE and rec["summary"]["n_controls"] == 1
     row = rec["instances"][0]
     a, dpos = row["tokens"]["span"][0], row["tokens"]["dpos"]
     assert row["positions"] == list(range(a, dpos)) and len(row["exact_pos_delta_m"]) == dpos - a

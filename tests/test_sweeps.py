@@ -9,6 +9,7 @@ from kvnotes.models import load_model
 from scenarios import make_instances
 from scenarios.render import align
 from test_run import _cfg
+from conftest import N_DIVERSE
 
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
 
@@ -30,7 +31,7 @@ def _slow_margin_change(rec, row, **splice_kwargs) -> float:
 
 def test_position_sweep_covers_every_position_and_matches_a_materialised_splice(tmp_path):
     rec = run_module.run(_cfg(tmp_path, "probe=positions", "model=tiny-llama", *RELAXED))
-    assert rec["summary"]["n_included"] == 10
+    assert rec["summary"]["n_included"] == N_DIVERSE
     for row in rec["instances"]:
         a, dpos = row["tokens"]["span"][0], row["tokens"]["dpos"]
         assert row["positions"] == list(range(a, dpos)) and len(row["recovery"]) == dpos - a
@@ -44,7 +45,7 @@ def test_position_sweep_covers_every_position_and_matches_a_materialised_splice(
     want = _slow_margin_change(rec, row, positions=[p])        # compared in logits: recoveries divide by a tiny Δm
     assert row["recovery"][len(row["positions"]) // 2] * row["delta_m"] == pytest.approx(want, abs=2e-6)
     assert abs(want) > 1e-5
-    assert sum(rec["aggregate"]["top_position_region_counts"].values()) == 10
+    assert sum(rec["aggregate"]["top_position_region_counts"].values()) == N_DIVERSE
 
 
 def test_layer_sweep_single_layers_and_cumulative_identities(tmp_path):

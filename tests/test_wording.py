@@ -15,6 +15,7 @@ from scenarios import diverse, make_instances
 from scenarios.base import Instance
 from scenarios.render import align, render_text, tokenize
 from test_run import _cfg
+from conftest import N_DIVERSE
 
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
 OPTS = wording.load_options()
@@ -193,14 +194,14 @@ def test_record_layout(record):
         assert key in record, key
     assert record["experiment"] == "wording" and record["paper_refs"] == ["P9", "§3.9", "Fig. 3d"]
     s = record["summary"]
-    assert (s["n_gated"], s["n_included"], s["n_controls"], s["n_variants"]) == (10, 10, 1, 5)
+    assert (s["n_gated"], s["n_included"], s["n_controls"], s["n_variants"]) == (N_DIVERSE, N_DIVERSE, 1, 5)
     keys = list(OPTS["variants"])
     assert record["wording"]["labels"] == {k: v["label"] for k, v in OPTS["variants"].items()}
     agg = record["aggregate"]
     for s in wording.SETTINGS:
         for k in keys:
             p = agg["p_decision_is_new_action"][s][k]
-            assert {"mean", "ci", "ci_method", "n", "k", "per_scenario"} <= set(p) and p["n"] == 10
+            assert {"mean", "ci", "ci_method", "n", "k", "per_scenario"} <= set(p) and p["n"] == N_DIVERSE
             assert p["k"] == sum(r["wording"][s][k]["decision"] == r["expected_new"] for r in record["instances"])
             by_dir = agg["p_safe_by_direction"][s][k]
             for d in ("new_implies_safe", "new_implies_permissive"):     # n_instances=1: every flip is k = 0's
