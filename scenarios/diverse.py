@@ -56,6 +56,11 @@ def pools() -> dict:
 
 def domains(domain_dirs=None) -> dict:
     """{key: Domain} of the given directories (default: scenarios/domains/)."""
+    return domain_table(domain_dirs)
+
+
+def domain_table(domain_dirs=None) -> dict:
+    """`domains()` under a name that make_instances' `domains` argument does not shadow (loaded once per dirs)."""
     return _domains(tuple(str(d) for d in domain_dirs) if domain_dirs else None)
 
 
@@ -242,10 +247,6 @@ def _record_items(d: Domain, v: dict, channel: str, changing_channel: bool, fiel
             items.append(Item(None, f"The {key.replace('_', ' ')} is {value}.", "record", False, ("", "\n")))
         else:
             items.append(Item(*_pair(line)))
-    if d.format == "prose":   # prose items carry their text in `value` unless `around` frames a field value
-        for it in items:
-            if it.key is None and it.around == ("", "\n"):
-                it.value, it.around = it.value, ("", "\n")
     return items
 
 
@@ -273,7 +274,6 @@ def _assemble(layout: str, question: str, role: Text, policy: Text, record: Text
             return Text().add(request + "\n\n", "conversation").extend(record)
         return record
 
-    nl = lambda t, label="template": t.add("\n", label)   # noqa: E731  a separator line break
     if layout == "rule_first":
         return [("system", role.add("\n", "role").extend(policy)), ("user", ask(rec().add("\n", "record")))]
     if layout == "rule_first_user":
@@ -362,7 +362,7 @@ def make_instances(n_instances: int, seed: int, domains: list | None = None, lay
         raise ValueError(f"filler_style must be one of {FILLER_STYLES}, got {filler_style!r}")
     if int(n_gates) < 1:
         raise ValueError(f"n_gates must be >= 1, got {n_gates}")
-    table = globals()["domains"](domain_dirs)
+    table = domain_table(domain_dirs)
     first = [k for k in pools().get("domain_order", []) if k in table]
     keys = list(domains) if domains else first + [k for k in table if k not in first]
     unknown = [k for k in keys if k not in table]
