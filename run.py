@@ -362,7 +362,11 @@ def reanalyse(conf: dict, probe: Probe, path: Path, cache_dir: Path | None) -> d
         used["scenario"] = conf["scenario"]
         print("[kvnotes] the record's scenario is written in an older schema that makes exactly these prompts; "
               "its config now says so:\n  " + "\n  ".join(migrated))
-    raws = {iid: probe.raw_from_row(rows[iid], record) for iid in ids}
+    try:
+        raws = {iid: probe.raw_from_row(rows[iid], record) for iid in ids}
+    except KeyError as e:
+        raise ReanalysisError(f"{path}: its rows lack {e} (written before the probe kept it in its rows); re-run the "
+                              f"probe: {_command(conf, 'overwrite=true')}") from None
     readouts = probe.readouts(tok, instances, raws)
     analysis = probe.analyse(instances, tokens, raws, readouts, used["exclusion"], used["stats"])
     new = {**record, "paper_refs": list(probe.spec.paper_refs), "config": used,

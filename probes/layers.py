@@ -18,8 +18,7 @@ from probes.common import (Split, band, boot_args, end_states, pair_row,
 CONTRACT = ProbeSpec(
     name="layers", paper_refs=("P3", "§3.3"),
     options={"batch_size": 400},             # splices per batched engine forward
-    not_reanalysable="its rows keep the spliced rows' logits (raw.rows) but not the unspliced stale / oracle "
-                     "states the readout is chosen on")
+    reanalysable=True)
 KINDS = ("single", "upto", "from")
 
 
@@ -41,6 +40,15 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
             "n_layers": n_layers, "rows": rows.tolist(), "seconds": round(time.time() - t0, 3)}
 
 
+def raw_from_row(row: dict, record: dict) -> dict:
+    """measure()'s output for one pair from its record row: the unspliced stale / oracle states, the candidate-token
+    ids, the layer count and the candidate logits of the 3 x n_layers splices (KINDS order, layer-major within each).
+
+    Raises KeyError for a record written before the rows kept `raw.states` (re-run the probe)."""
+    raw = row["raw"]
+    return {"states": raw["states"], "token_ids": raw["token_ids"], "n_layers": raw["n_layers"], "rows": raw["rows"]}
+
+
 def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict, stats: dict) -> dict:
     split = Split(exclusion)
     n_layers = None
@@ -48,7 +56,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
         n_layers = raw["n_layers"]
         row = pair_row(inst, pairs_info[inst.id], raw, ro)
-        row["raw"] = {"token_ids": raw["token_ids"], "rows": raw["rows"]}
+        row["raw"] = {"states": raw["states"], "token_ids": raw["token_ids"], "n_layers": n_layers, "rows": raw["rows"]}
         if row["delta_m"]:
             rec = recoveries(raw, ro, row).view(len(KINDS), n_layers)
             row.update({kind: rec[i].tolist() for i, kind in enumerate(KINDS)})

@@ -25,8 +25,7 @@ from probes.common import (Split, boot_args, end_states, pair_row, prefill_pair,
 CONTRACT = ProbeSpec(
     name="positions", paper_refs=("P2", "§3.2"),
     options={"batch_size": 400},             # splices per batched engine forward
-    not_reanalysable="its rows keep the spliced rows' logits (raw.rows) but not the unspliced stale / oracle "
-                     "states the readout is chosen on")
+    reanalysable=True)
 
 
 def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = False) -> dict:
@@ -38,6 +37,16 @@ def measure(lm, pair, token_ids, batch_size: int = 400, check_decode: bool = Fal
     rows = engine.run([Splice((p,)) for p in range(a, dpos)], tokens=token_ids)
     return {"states": end_states(lm.model, stale, oracle, last, token_ids), "token_ids": token_ids,
             "positions": list(range(a, dpos)), "rows": rows.tolist(), "seconds": round(time.time() - t0, 3)}
+
+
+def raw_from_row(row: dict, record: dict) -> dict:
+    """measure()'s output for one pair from its record row: the unspliced stale / oracle states (candidate logits +
+    lse), the candidate-token ids and every single-position splice's candidate logits.
+
+    Raises KeyError for a record written before the rows kept `raw.states` (re-run the probe)."""
+    raw = row["raw"]
+    return {"states": raw["states"], "token_ids": raw["token_ids"], "positions": row["positions"],
+            "rows": raw["rows"]}
 
 
 def region_of(regions: dict, p: int) -> str:
@@ -62,7 +71,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         row = pair_row(inst, pairs_info[inst.id], raw, ro)
         rec = recoveries(raw, ro, row) if row["delta_m"] else None
         regions = pairs_info[inst.id]["regions"]
-        row.update({"positions": raw["positions"], "raw": {"token_ids": raw["token_ids"], "rows": raw["rows"]}})
+        row.update({"positions": raw["positions"],
+                    "raw": {"states": raw["states"], "token_ids": raw["token_ids"], "rows": raw["rows"]}})
         if rec is not None:
             top = int(torch.argmax(rec))
             row.update({"recovery": rec.tolist(), "top_position": raw["positions"][top],

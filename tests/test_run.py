@@ -342,7 +342,7 @@ def _without_reanalysis(record):
     return r
 
 
-@pytest.mark.parametrize("probe", ["locality", "wording"])
+@pytest.mark.parametrize("probe", ["locality", "wording", "positions", "layers"])
 def test_reanalysis_reproduces_the_record_without_the_model(tmp_path, monkeypatch, probe):
     relaxed = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
     original = run_module.run(_cfg(tmp_path, f"probe={probe}", "model=tiny-llama", *relaxed))
@@ -375,10 +375,24 @@ def test_reanalysis_refuses_prompts_that_changed(tmp_path):
 
 
 def test_reanalysis_refusals_name_what_is_missing(tmp_path, no_model):
-    with pytest.raises(run_module.ReanalysisError, match=r"probe 'layers' cannot be re-analysed.*unspliced"):
-        run_module.run(_cfg(tmp_path, "probe=layers", "model=tiny-llama", "reanalyse=true"))
+    with pytest.raises(run_module.ReanalysisError, match=r"probe 'topk' cannot be re-analysed.*second pass"):
+        run_module.run(_cfg(tmp_path, "probe=topk", "model=tiny-llama", "reanalyse=true"))
     with pytest.raises(run_module.ReanalysisError, match=r"no record to re-analyse.*python run.py probe=locality"):
         run_module.run(_cfg(tmp_path, "model=tiny-llama", "reanalyse=true"))
+
+
+def test_reanalysis_of_a_record_whose_rows_lack_a_state_names_the_rerun(tmp_path):
+    """A positions record written before its rows kept the unspliced states (steps 1-3) is refused, not misread."""
+    run_module.run(_cfg(tmp_path, "probe=positions", "model=tiny-llama"))
+    path = tmp_path / "positions" / "tiny-llama" / "diverse.json"
+    rec = json.loads(path.read_text())
+    for part in ("instances", "excluded", "controls"):
+        for row in rec[part]:
+            row["raw"].pop("states")
+    path.write_text(json.dumps(rec))
+    with pytest.raises(run_module.ReanalysisError, match=r"lack 'states'.*probe=positions.*overwrite=true"):
+        run_module.run(_cfg(tmp_path, "probe=positions", "model=tiny-llama", "reanalyse=true"))
+    assert json.loads(path.read_text()) == rec
 
 
 def test_reanalysis_of_a_real_model_names_the_command_that_makes_its_tokenizer(tmp_path):
