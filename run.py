@@ -35,12 +35,14 @@ from kvnotes.readout import candidate_tokens
 from kvnotes.records import (SCHEMA_VERSION, Progress, RecordError, config_hash, now_iso, provenance, record_path,
                              run_command, write_json_atomic)
 from probes.base import Probe, ProbeConfigError, load_probe
+from scenarios.pairs import PairError, Rejected, file_sha256
+from scenarios.pairs import resolve as resolve_pairs_path
 from scenarios.render import AlignmentError, align
 
 SECOND = "#pass2"   # progress key suffix of a probe's second pass
 CONFIG_DIR = REPO_ROOT / "configs"
 # settings that cannot change a result: left out of the resume hash and of the comparison with an existing record
-VOLATILE = ("make_figures", "cache_dir", "results_dir", "overwrite", "reanalyse")
+VOLATILE = ("make_figures", "cache_dir", "results_dir", "overwrite", "reanalyse", "strict")
 ANALYSIS = ("exclusion", "stats")          # settings a re-analysis may change (everything else was measured)
 # the token layout of a pair that a re-analysis checks against the record before reusing its logits
 LAYOUT = ("L", "dpos", "span", "line_end", "span_old", "span_new", "line_tail", "decision_token")
@@ -172,6 +174,7 @@ def run(cfg: DictConfig) -> dict:
     conf.pop("hydra", None)
     probe = load_probe(conf["probe"]["name"])
     conf["probe"] = check_probe(probe, conf)
+    pin_scenario_file(conf)
     results_dir = _abs(cfg.results_dir)
     path = record_path(results_dir, probe.name, conf["model"]["name"], conf["scenario"]["name"], conf["tag"])
     cache_dir = _abs(cfg.cache_dir) if cfg.cache_dir else None
@@ -184,11 +187,20 @@ def run(cfg: DictConfig) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     params = dict(conf["scenario"]["params"])
-    instances = scenarios.make_instances(cfg.scenario.family, n_instances=cfg.n_instances, seed=cfg.seed, **params)
+    family = conf["scenario"]["family"]
+    lenient = family in scenarios.READ_FROM_FILE and not conf.get("strict")
+    try:
+        instances, rejected = scenarios.load(family, strict=bool(conf.get("strict")), n_instances=cfg.n_instances,
+                                             seed=cfg.seed, **params)
+    except PairError as e:
+        raise PairError(e.line, e.id, e.reason, f"{params.get('path')} (strict=true) ") from None
+    instances, rejected = check_instances(probe, instances, rejected, lenient)
     spec = conf["model"]   # the composed model config: overrides and search-path configs included
     lm = load_model(spec, cfg.dtype, cache_dir)
-    pairs = [align(i, lm.tokenizer, bool(spec.get("prepend_bos")), spec.get("plain_prompt")) for i in instances]
-    tokens = {p.instance.id: p.token_info(lm.tokenizer) for p in pairs}
+    pairs, tokens, rejected = align_all(instances, lm.tokenizer, spec, rejected, lenient)
+    instances = [p.instance for p in pairs]
+    if rejected:
+        _report_rejected(rejected, len(instances) + len(rejected), params.get("path"))
 
     # the resume file is named by the config's hash: sweep cells that share a record path never share one
     h = config_hash({k: v for k, v in conf.items() if k not in VOLATILE})
@@ -235,18 +247,97 @@ def run(cfg: DictConfig) -> dict:
         "paper_refs": list(probe.spec.paper_refs),
         "model": {k: v for k, v in lm.info.items() if k != "load_s"},
         "scenario": {"name": cfg.scenario.name, "family": cfg.scenario.family, "params": params,
-                     "n_instances_per_scenario": cfg.n_instances},
+                     "n_instances_per_scenario": None if family in scenarios.READ_FROM_FILE else cfg.n_instances},
         "config": conf,
         "provenance": {**prov, "wall_s": round(wall, 2), "torch_threads": torch.get_num_threads()},
         "readout": _readout_block(readouts, conf),
         **analysis,
         "timing": {"load_s": lm.info.get("load_s"), "per_instance_s": seconds, "wall_s": round(wall, 2)},
     }
+    if family in scenarios.READ_FROM_FILE:   # every pair left out, with its line and reason
+        record["rejected"] = [r.to_record() for r in rejected]
+        record["summary"] = {**record["summary"], "n_rejected": len(rejected)}
     check_overwrite(path, conf, probe)   # again: a parallel sweep cell may have written this record meanwhile
     write_json_atomic(path, record)
     progress.finish()
     _report(path, analysis)
     return record
+
+
+def pin_scenario_file(conf: dict) -> None:
+    """A scenario read from a file (scenario=pairs): its params get the file's sha256 (so the record, the resume
+    file and the overwrite check name the exact file; a changed file is a different config), and an untagged run
+    is tagged with the file's stem (results/<probe>/<model>/pairs-<stem>.json), so two files never share a record."""
+    scen = conf["scenario"]
+    if scen["family"] not in scenarios.READ_FROM_FILE:
+        return
+    params = scen["params"]
+    if not conf.get("tag"):
+        conf["tag"] = resolve_pairs_path(params["path"]).stem
+    if conf.get("reanalyse"):     # the record's params name its file (and its sha256, checked when it is read)
+        return
+    digest = file_sha256(params["path"])
+    if params.get("sha256") and params["sha256"] != digest:
+        raise ProbeConfigError(f"scenario.params.sha256={params['sha256']} but {params['path']} has sha256 {digest}; "
+                               f"leave sha256 unset (the run fills it in) or restore the file")
+    params["sha256"] = digest
+
+
+def _rejected_line(inst) -> int:
+    return int(inst.source.rsplit(":", 1)[1]) if inst.source else 0
+
+
+def check_instances(probe: Probe, instances: list, rejected: list, lenient: bool) -> tuple[list, list]:
+    """Before the model loads: the instances the probe can use (its CONTRACT.instance_needs, e.g. the wording probe's
+    update-note site). A pair without one is rejected with the reason (lenient: a pairs file without strict=true),
+    or the run stops naming every such pair. Also stops when no pair is left."""
+    keep, lacking = [], []
+    for inst in instances:
+        missing = [what for attr, what in probe.spec.instance_needs.items() if not getattr(inst, attr)]
+        if missing:
+            lacking.append(Rejected(_rejected_line(inst), inst.id, "probe",
+                                    f"probe {probe.name!r} needs " + "; ".join(missing)))
+        else:
+            keep.append(inst)
+    if lacking and not lenient:
+        raise ProbeConfigError(f"probe {probe.name!r} cannot use {len(lacking)} of the {len(instances)} pairs:\n  "
+                               + "\n  ".join(f"line {r.line} ({r.id}): {r.reason}" for r in lacking[:8]))
+    rejected = rejected + lacking
+    if not keep:
+        reasons = "\n  ".join(f"line {r.line} ({r.id}): {r.reason}" for r in rejected[:8])
+        raise ProbeConfigError(f"no usable pair: all {len(rejected)} were rejected:\n  {reasons}")
+    return keep, rejected
+
+
+def align_all(instances: list, tokenizer, spec: dict, rejected: list, lenient: bool) -> tuple[list, dict, list]:
+    """Align every instance for this model's tokenizer and check its answer words have first tokens of their own
+    (kvnotes.readout.candidate_tokens). (aligned pairs, {id: token info}, rejected): a failing pair is rejected with
+    the reason when lenient (a pairs file), else its AlignmentError / ValueError stops the run (a generated family's
+    bad pair is a bug in the generator or a domain file)."""
+    pairs, tokens, rejected = [], {}, list(rejected)
+    for inst in instances:
+        try:
+            pair = align(inst, tokenizer, bool(spec.get("prepend_bos")), spec.get("plain_prompt"))
+            info = pair.token_info(tokenizer)
+            candidate_tokens(tokenizer, list(inst.candidates))
+        except (AlignmentError, ValueError) as e:
+            if not lenient:
+                raise
+            rejected.append(Rejected(_rejected_line(inst), inst.id, "tokenizer", str(e)))
+            continue
+        pairs.append(pair)
+        tokens[inst.id] = info
+    if not pairs:
+        reasons = "\n  ".join(f"line {r.line} ({r.id}): {r.reason}" for r in rejected[:8])
+        raise AlignmentError(f"no pair aligns for this model: all {len(rejected)} were rejected:\n  {reasons}")
+    return pairs, tokens, rejected
+
+
+def _report_rejected(rejected: list, n: int, path) -> None:
+    shown = "\n  ".join(f"line {r.line}{f' ({r.id})' if r.id else ''} [{r.stage}]: {r.reason}" for r in rejected[:10])
+    more = f"\n  ... and {len(rejected) - 10} more" if len(rejected) > 10 else ""
+    print(f"[kvnotes] {len(rejected)} of {n} pairs of {path} left out (recorded under `rejected`; strict=true stops "
+          f"at the first):\n  {shown}{more}")
 
 
 def _readout_block(readouts: dict, conf: dict) -> dict:

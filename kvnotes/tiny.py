@@ -19,10 +19,12 @@ _PIECE = re.compile(r"\n|[^\s\w]|[^\W_]+|_")
 
 
 def _corpus_words() -> list[str]:
-    from scenarios import FAMILIES
+    from scenarios import FAMILIES, READ_FROM_FILE
     from kvnotes.readout import variants
     words = {"system", "user", "assistant", "Answer", ":"}
     for family, make in FAMILIES.items():
+        if family in READ_FROM_FILE:        # the generated families only: a user's file does not change the vocabulary
+            continue
         for seed in range(3):
             for inst in make(n_instances=4, seed=seed):
                 for msgs in (inst.old_messages, inst.new_messages):

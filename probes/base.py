@@ -25,6 +25,7 @@ the same for every probe.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -54,6 +55,8 @@ class ProbeSpec:
     second_pass      the module defines plan_second and measure_second.
     reanalysable     the module defines raw_from_row: its record rows keep everything measure() returned.
     not_reanalysable what a record's rows lack for a re-analysis (required when not reanalysable).
+    instance_needs   {Instance attribute: what it is} every instance must carry (checked before the model loads;
+                     a user's pair without it is rejected with the reason, see run.check_instances).
     """
     name: str
     paper_refs: tuple[str, ...]
@@ -63,6 +66,7 @@ class ProbeSpec:
     second_pass: bool = False
     reanalysable: bool = False
     not_reanalysable: str = ""
+    instance_needs: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         unknown = [k for k in self.measure_options if k not in self.options]

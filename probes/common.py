@@ -43,10 +43,13 @@ def exclusion_reasons(inst, dec_stale: str, dec_oracle: str, delta_m: float, rul
 
 
 def flip_direction(inst) -> str | None:
-    """"allow->refuse" (the new value implies the restrictive answer), "refuse->allow", or None for a pair whose
-    values imply the same answer (controls)."""
+    """"allow->refuse" (the new value implies the restrictive answer), "refuse->allow", None for a pair whose
+    values imply the same answer (controls), or "unspecified" for a user's pair that does not name its restrictive
+    answer (counted in the pooled slices, in neither direction's)."""
     if inst.expected_old == inst.expected_new:
         return None
+    if not inst.direction_known:      # a pairs file that does not say which answer is the restrictive one
+        return "unspecified"
     return "allow->refuse" if inst.expected_new == inst.safe else "refuse->allow"
 
 

@@ -40,12 +40,13 @@ CONTRACT = ProbeSpec(
     # variants / baseline / paired_test: None takes them from configs/probe/wording.yaml (load_options)
     options={"batch_size": 16, "check_decode_instances": 1, "variants": None, "baseline": None, "paired_test": None},
     measure_options=("batch_size", "variants", "baseline", "paired_test"),
-    scenarios={"diverse": {}, "family_a": {}},   # where the generator marks the note's place (Instance.note_at)
+    scenarios={"diverse": {}, "family_a": {}, "pairs": {}},   # the families that mark the note's place
+    instance_needs={"note_at": "the update note's place (`note_at: [message, offset]` in a pairs file)"},
     reanalysable=True)
 CONFIG = REPO_ROOT / "configs" / "probe" / "wording.yaml"
 SETTINGS = ("oracle", "stale")
 PLACEHOLDERS = ("field", "old", "new")
-SUPPORTED = "diverse (every layout) and family_a"
+SUPPORTED = "diverse (every layout), family_a, and pairs files that give note_at"
 OPTIONS = ("variants", "baseline", "paired_test")   # the probe options measure() takes from the probe config
 
 
@@ -139,7 +140,8 @@ def render_variant(lm, inst, setting: str, text: str | None):
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     base = inst.old_messages if setting == "stale" else inst.new_messages
     spec = lm.spec
-    rendered = render_text(insert_update(inst, base, text), lm.tokenizer, spec.get("plain_prompt"), inst.suffix)
+    rendered = render_text(insert_update(inst, base, text), lm.tokenizer, spec.get("plain_prompt"), inst.suffix,
+                           inst.plain)
     return rendered, tokenize(rendered, lm.tokenizer, bool(spec.get("prepend_bos")))
 
 

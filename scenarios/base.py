@@ -33,10 +33,17 @@ class Instance:
     value_at: tuple = field(default=(), compare=False)  # ((message, start, end) of old_value, same for new_value)
     note_at: tuple = field(default=(), compare=False)   # ((message, offset) old, (message, offset) new): where an
     #                                                     update note goes as its own paragraph (probes/wording.py)
+    # A researcher's own pairs (scenarios/pairs.py):
+    plain: bool = False           # the one "message" is the raw prompt text: no chat template
+    partial_spans: bool = field(default=False, compare=False)  # spans need not tile the contents; the rest takes the
+    #                                                            coarse labels prefix / downstream (scenarios.regions)
+    direction_known: bool = field(default=True, compare=False)  # False: which answer is restrictive was not given
+    source: str = field(default="", compare=False)   # where the pair was read from, e.g. "my_pairs.jsonl:12"
 
     def record_id(self) -> dict:
-        return {"id": self.id, "scenario": self.scenario, "kind": self.kind, "field": self.field,
-                "old_value": self.old_value, "new_value": self.new_value, "variant": dict(self.variant)}
+        out = {"id": self.id, "scenario": self.scenario, "kind": self.kind, "field": self.field,
+               "old_value": self.old_value, "new_value": self.new_value, "variant": dict(self.variant)}
+        return {**out, "source": self.source} if self.source else out
 
 
 class Text:

@@ -10,11 +10,16 @@ is `field` and the last prompt token is `decision`.
 Labels are per token position (regions need not be contiguous: a record has lines before and after the field).
 Nothing is inferred from the text: an instance without generator spans, or spans that do not cover a message
 exactly, raise ValueError.
+
+A researcher's own pairs (scenarios/pairs.py, `Instance.partial_spans`) may label only some blocks, with labels of
+their own: a token starting in content characters no span covers takes the coarse label `prefix` (before the field)
+or `downstream` (after it); chat markup and the forced suffix stay `template`.
 """
 from __future__ import annotations
 
 LABELS = ("template", "role", "gate", "filler_rules", "record", "field_line", "field", "tools", "conversation",
           "task", "decision", "other_gate", "other_field")
+COARSE = ("prefix", "downstream")   # the fill of content a user's pair leaves unlabelled
 
 
 def content_offsets(text: str, messages) -> list[int]:
@@ -47,11 +52,27 @@ def check_spans(messages, spans, where: str = "") -> None:
             raise ValueError(f"{where}: message {i} has {len(m['content']) - pos} unlabelled characters at its end")
 
 
-def char_labels(text: str, messages, spans) -> list[str]:
-    """One label per character of the rendered `text`: the generator's spans inside the message contents,
-    `template` outside them."""
+def check_partial_spans(messages, spans, where: str = "") -> None:
+    """A user's spans: per message, in order, inside the content, not overlapping, labels non-empty strings."""
+    if len(spans) != len(messages):
+        raise ValueError(f"{where}: {len(spans)} span lists for {len(messages)} messages")
+    for i, (m, sp) in enumerate(zip(messages, spans)):
+        pos = 0
+        for s, e, label in sp:
+            if not (pos <= s < e <= len(m["content"])):
+                raise ValueError(f"{where}: message {i}: span ({s}, {e}) overlaps the previous one or leaves the "
+                                 f"content (0..{len(m['content'])})")
+            if not isinstance(label, str) or not label:
+                raise ValueError(f"{where}: message {i}: span ({s}, {e}) has no label")
+            pos = e
+
+
+def char_labels(text: str, messages, spans, fill: str | None = "template") -> list:
+    """One label per character of the rendered `text`: the spans inside the message contents, `template` outside
+    them; content characters no span covers get `fill` (generators' spans cover everything)."""
     out = ["template"] * len(text)
-    for at, sp in zip(content_offsets(text, messages), spans):
+    for at, m, sp in zip(content_offsets(text, messages), messages, spans):
+        out[at:at + len(m["content"])] = [fill] * len(m["content"])
         for s, e, label in sp:
             out[at + s:at + e] = [label] * (e - s)
     return out
@@ -60,23 +81,27 @@ def char_labels(text: str, messages, spans) -> list[str]:
 def token_labels(pair, tokenizer, prepend_bos: bool) -> list[str]:
     """Fine label of every token position of the old prompt of an aligned pair (see the module docstring)."""
     inst = pair.instance
-    if not inst.spans:
+    a, b = pair.span
+    if inst.partial_spans:
+        check_partial_spans(inst.old_messages, inst.spans, inst.id)
+    elif not inst.spans:
         raise ValueError(f"{inst.id}: the instance carries no generator spans; a scenario family must write its "
                          f"messages with scenarios.base.Text so that every token has a region")
-    check_spans(inst.old_messages, inst.spans, inst.id)
+    else:
+        check_spans(inst.old_messages, inst.spans, inst.id)
     text = pair.text_old
-    chars = char_labels(text, inst.old_messages, inst.spans)
+    chars = char_labels(text, inst.old_messages, inst.spans, None if inst.partial_spans else "template")
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     labels = ["template"] if prepend_bos else []
     for lo, hi in offsets:
         i = lo
         while i < hi - 1 and text[i].isspace():
             i += 1
-        labels.append(chars[i] if i < len(text) else "template")
+        label = chars[i] if i < len(text) else "template"
+        labels.append(label if label is not None else COARSE[len(labels) >= a])
     if len(labels) != pair.length:
         raise ValueError(f"{inst.id}: {len(labels)} offsets for {pair.length} tokens; the tokenizer does not map "
                          "offsets one-to-one")
-    a, b = pair.span
     labels[a:b] = ["field"] * (b - a)
     labels[pair.dpos] = "decision"
     return labels

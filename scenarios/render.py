@@ -50,9 +50,14 @@ class AlignedPair:
                 "labels": token_labels(self, tokenizer, self.prepend_bos)}
 
 
-def render_text(messages, tokenizer, plain_prompt: dict | None = None, suffix: str = "") -> str:
+def render_text(messages, tokenizer, plain_prompt: dict | None = None, suffix: str = "", raw: bool = False) -> str:
     """The prompt string: the model's chat template with the generation prompt (or a plain layout for base models
-    that have none), then the forced suffix."""
+    that have none), then the forced suffix. raw=True (a user's `plain` pair): the one message's content is the
+    prompt as it stands, then the suffix."""
+    if raw:
+        if len(messages) != 1:
+            raise ValueError(f"a raw prompt is one text, got {len(messages)} messages")
+        return messages[0]["content"] + suffix
     if plain_prompt:
         text = "".join(plain_prompt[m["role"]].format(content=m["content"]) for m in messages)
         text += plain_prompt["generation"]
@@ -109,8 +114,8 @@ def check_value_span(instance: Instance, tokenizer, texts, ids, span, prepend_bo
 
 
 def align(instance: Instance, tokenizer, prepend_bos: bool = False, plain_prompt: dict | None = None) -> AlignedPair:
-    text_old = render_text(instance.old_messages, tokenizer, plain_prompt, instance.suffix)
-    text_new = render_text(instance.new_messages, tokenizer, plain_prompt, instance.suffix)
+    text_old = render_text(instance.old_messages, tokenizer, plain_prompt, instance.suffix, instance.plain)
+    text_new = render_text(instance.new_messages, tokenizer, plain_prompt, instance.suffix, instance.plain)
     old = tokenize(text_old, tokenizer, prepend_bos)
     new = tokenize(text_new, tokenizer, prepend_bos)
     where = (f"scenario {instance.scenario!r} ({instance.id}), field {instance.field!r}: "
