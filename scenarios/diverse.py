@@ -327,7 +327,7 @@ def _instance(texts_old, texts_new, **kw) -> Instance:
 # ---------------------------------------------------------------- the family
 def make_instances(n_instances: int, seed: int, domains: list | None = None, layout: str | None = None,
                    placement: str | None = None, question: str = "last", n_gates: int = 1,
-                   n_filler: tuple = (0, 6), filler_style: str = "record", n_filler_rules: tuple = (0, 2),
+                   n_filler: tuple | int = (0, 6), filler_style: str = "record", n_filler_rules: tuple | int = (0, 2),
                    controls: int | None = None, polarity: str = "normal", domain_dirs: list | None = None
                    ) -> list[Instance]:
     """`n_instances` gated pairs per domain (flip direction alternates), plus `controls` (default n_instances)
@@ -344,6 +344,11 @@ def make_instances(n_instances: int, seed: int, domains: list | None = None, lay
     domain file."""
     if n_instances < 0:
         raise ValueError("n_instances must be >= 0")
+    # an exact count (a sweep's D) is the range [n, n]: the same draws as writing [n, n]
+    n_filler = (n_filler, n_filler) if isinstance(n_filler, int) else tuple(n_filler)
+    n_filler_rules = (n_filler_rules, n_filler_rules) if isinstance(n_filler_rules, int) else tuple(n_filler_rules)
+    if not (len(n_filler) == 2 and 0 <= int(n_filler[0]) <= int(n_filler[1])):
+        raise ValueError(f"n_filler is a count or a range [lo, hi] with 0 <= lo <= hi, got {n_filler!r}")
     if polarity not in POLARITIES:
         raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
     if placement is not None:

@@ -359,3 +359,13 @@ def test_a_new_domain_runs_through_run_py_with_no_other_change(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rec = json.loads((out / "locality" / "tiny-llama" / "diverse_all.json").read_text())
     assert {r["scenario"] for r in rec["instances"] + rec["excluded"]} == {"garage_permit"}
+
+
+def test_an_exact_filler_count_is_the_range_of_one_value():
+    """A sweep's D (scenario.params.n_filler=16) draws exactly what [16, 16] draws; a bad count is refused."""
+    a = scenarios.make_instances("diverse", n_instances=1, seed=3, n_filler=16, layout="field_first_user")
+    assert a == scenarios.make_instances("diverse", n_instances=1, seed=3, n_filler=[16, 16],
+                                         layout="field_first_user")
+    assert {len(i.variant["filler"]) for i in a} == {16}
+    with pytest.raises(ValueError, match="n_filler is a count or a range"):
+        scenarios.make_instances("diverse", n_instances=1, seed=3, n_filler=[5, 2])
