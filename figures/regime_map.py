@@ -1,0 +1,318 @@
+"""Step 5 regime map (issue 11): when does a model take notes? Field-only recovery over prompt structure, computed from
+the locality records of the sweep and nothing else.
+
+The sweep (`python run.py -m experiment=regime_map ...`) writes one locality record per cell, tagged
+`map-<layout>-D<n_filler>-Q<question>-K<n_gates>`; the factors are read back from each record's own config:
+
+  O  layout (its rule order R->F or F->R: scenarios.diverse.LAYOUTS)
+  D  unique filler lines between the field and the next block (scenario.params.n_filler, an exact count)
+  Q  the question last (after the record) or first
+  K  number of gates (1, or several on different fields)
+
+Per cell: flip and correct-flip rates by direction (cluster-aware proportions, kvnotes.stats.summarize_proportion,
+from the per-pair frame); field-only, field+newline, downstream-only, K-only, V-only recovery on the included pairs
+and on every gated pair with |delta m| >= 0.5 (the record's step-4 aggregates); the field-only new-decision rate.
+
+The regression: per-pair field-only recovery on O x log(1 + D) x Q (+ K when it varies), ordinary least squares
+(statsmodels formula API) with cluster-robust standard errors by domain (CR1, statsmodels' small-sample factor
+G/(G-1) (N-1)/(N-p)) and t on G - 1 degrees of freedom: a library estimator, not a hand-written one. Fitted on the
+included pairs and, separately, on every gated pair with |delta m| >= 0.5. A cell without pairs leaves its
+interaction unidentified: the fit then drops to the largest nested model whose design has full rank, and says so.
+The boundary: per (O, Q, K), the predicted field-only recovery with its CI at each measured D, the smallest D where
+the prediction is below 0.2, and the smallest D where its whole CI is.
+
+    python -m figures.regime_map [--results DIR] [--out DIR] [--models a,b] [--scenario diverse_all] [--prefix map-]
+
+Writes results/regime_map/<scenario>-<prefix stem>.json (the analysis record: cells, regression, boundary, the
+records it read with their git shas) and figures/regime_map[_<scenario>].{png,pdf,csv,md,tex}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from figures.make_figures import DEFAULT_OUT, DEFAULT_RESULTS, INK, STYLE, WONG, write_table  # noqa: E402
+from kvnotes.records import (RecordError, find_records, load_aggregates, load_frame, read_record,  # noqa: E402
+                             split_record_name, write_json_atomic)
+from kvnotes.stats import summarize_proportion  # noqa: E402
+
+BOUNDARY = 0.2           # "field-only below 0.2": the issue's threshold for "the notes carry the decision"
+RELAXED = "abs_delta_m_ge_0.5"
+RECOVERIES = {"field_only": "field_only_recovery", "field_line": "field_line_recovery",
+              "downstream_only": "downstream_only_recovery", "field_k_only": "field_k_only_recovery",
+              "field_v_only": "field_v_only_recovery"}
+DIRECTIONS = ("allow->refuse", "refuse->allow")
+
+
+class RegimeMapError(RecordError):
+    pass
+
+
+def cell_factors(rec: dict, path: Path) -> dict:
+    """O / D / Q / K of one cell, from the record's scenario params (a D given as a range [lo, hi] must be exact)."""
+    from scenarios.diverse import LAYOUTS
+    params = rec["config"]["scenario"]["params"]
+    layout = params.get("layout") or "rule_first"
+    d = params.get("n_filler")
+    if isinstance(d, list):
+        if len(d) != 2 or d[0] != d[1]:
+            raise RegimeMapError(f"{path}: n_filler {d} is a range; a map cell needs an exact count")
+        d = d[0]
+    return {"layout": layout, "order": LAYOUTS[layout], "D": int(d), "Q": params.get("question", "last"),
+            "K": int(params.get("n_gates", 1))}
+
+
+def map_records(results: Path, scenario: str, prefix: str, models: list[str] | None = None) -> list[Path]:
+    paths = [p for p in find_records(results, probe="locality", model=models, scenario=scenario)
+             if (split_record_name(p)[1] or "").startswith(prefix)]
+    if not paths:
+        raise RegimeMapError(f"no locality records tagged {prefix}* for scenario {scenario!r} under {results} "
+                             f"(make them with: python run.py -m experiment=regime_map)")
+    return paths
+
+
+def _summary(agg: pd.DataFrame, metric: str, key: str = "") -> dict:
+    hit = agg[(agg["metric"] == metric) & (agg["key"] == key)]
+    if hit.empty:
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "G": 0}
+    r = hit.iloc[0]
+    val = lambda x: None if pd.isna(x) else float(x)   # noqa: E731
+    return {"mean": val(r["mean"]), "lo": val(r["ci_lo"]), "hi": val(r["ci_hi"]),
+            "n": int(r["n"]) if not pd.isna(r["n"]) else 0,
+            "G": int(r["n_clusters"]) if not pd.isna(r["n_clusters"]) else 0}
+
+
+def _pairs(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per gated pair of the frame with its decisions, direction, delta m and field-only recovery."""
+    gated = frame[frame["kind"] == "gated"]
+    first = gated.drop_duplicates(["path", "instance"]).set_index(["path", "instance"])
+    fo = gated[gated["metric"] == "field_only_recovery"].set_index(["path", "instance"])["value"]
+    out = first[["model", "domain", "status", "flip", "expected_old", "expected_new", "dec_stale", "dec_oracle",
+                 "delta_m"]].copy()
+    out["field_only"] = fo.reindex(out.index)
+    out["flips"] = out["dec_stale"] != out["dec_oracle"]
+    out["correct"] = (out["dec_stale"] == out["expected_old"]) & (out["dec_oracle"] == out["expected_new"])
+    return out.reset_index()
+
+
+def _rate(rows: pd.DataFrame, column: str) -> dict:
+    if rows.empty:
+        return {"mean": None, "lo": None, "hi": None, "k": 0, "n": 0, "G": 0}
+    s = summarize_proportion(rows[column].astype(bool).tolist(), rows["domain"].astype(str).tolist())
+    lo, hi = s["ci"] if s["ci"] else (None, None)
+    return {"mean": s["mean"], "lo": lo, "hi": hi, "k": s["k"], "n": s["n"], "G": s["n_clusters"]}
+
+
+def cells(paths: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """(the cell table, the per-pair table with the cell factors, the records read)."""
+    rows, pairs, sources = [], [], []
+    for path in paths:
+        rec = read_record(path)
+        f = cell_factors(rec, path)
+        agg = load_aggregates(path)
+        per_pair = _pairs(load_frame(path)).assign(**f)
+        pairs.append(per_pair)
+        sources.append({"path": str(path), "git_sha": rec["provenance"].get("git_sha"),
+                        "tag": split_record_name(path)[1], **f})
+        row = {"model": rec["model"]["name"], **f, "n_gated": int(rec["summary"]["n_gated"]),
+               "n_included": int(rec["summary"]["n_included"]), "n_domains": len({*per_pair["domain"]})}
+        for name, col in (("flip", "flips"), ("correct_flip", "correct")):
+            row[name] = _rate(per_pair, col)
+            for d in DIRECTIONS:
+                row[f"{name}/{d}"] = _rate(per_pair[per_pair["flip"] == d], col)
+        for name, metric in RECOVERIES.items():
+            row[name] = _summary(agg, metric)
+            row[f"{name}/{RELAXED}"] = _summary(agg, "slices", f"{RELAXED}/{metric}")
+        row["field_only_new_decision"] = _summary(agg, "field_only_new_decision_rate")
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values(["model", "order", "layout", "K", "Q", "D"], kind="stable")
+    return table.reset_index(drop=True), pd.concat(pairs, ignore_index=True), sources
+
+
+# ---------------------------------------------------------------- the regression and the boundary
+FORMULAS = (  # from the full model down: the first whose design has full rank is fitted
+    ("O x log1p(D) x Q", "y ~ C(layout, Treatment(ref)) * x * C(Q, Treatment('last'))"),
+    ("O x log1p(D) + Q x log1p(D)", "y ~ C(layout, Treatment(ref)) * x + C(Q, Treatment('last')) * x"),
+    ("O x log1p(D) + Q", "y ~ C(layout, Treatment(ref)) * x + C(Q, Treatment('last'))"),
+    ("O + log1p(D) + Q", "y ~ C(layout, Treatment(ref)) + x + C(Q, Treatment('last'))"),
+)
+
+
+def regression(pairs: pd.DataFrame, which: str = "included") -> dict:
+    """Field-only recovery on O x log(1 + D) x Q (+ K) with domain-clustered CR1 errors and t on G - 1 df.
+    which: "included" (the inclusion rule) or RELAXED (every gated pair with |delta m| >= 0.5). Returns the
+    model fitted, its formula, n, G, and per coefficient estimate / se / t / p / ci; or a `not_fitted` reason."""
+    import statsmodels.formula.api as smf
+
+    rows = pairs[pairs["status"] == "included"] if which == "included" else pairs[pairs["delta_m"].abs() >= 0.5]
+    rows = rows.dropna(subset=["field_only"]).assign(y=lambda r: r["field_only"], x=lambda r: np.log1p(r["D"]))
+    groups = rows["domain"].astype("category").cat.codes.to_numpy()
+    G = len(set(groups))
+    if len(rows) < 3 or G < 2:
+        return {"rows": which, "n": int(len(rows)), "G": G, "not_fitted": "fewer than 3 pairs or 2 domains"}
+    ref = "rule_first" if "rule_first" in set(rows["layout"]) else sorted(set(rows["layout"]))[0]
+    extra = " + C(K)" if rows["K"].nunique() > 1 else ""
+    tried = []
+    for name, formula in FORMULAS:
+        formula = formula.replace("Treatment(ref)", f"Treatment('{ref}')") + extra
+        model = smf.ols(formula, data=rows)
+        p = model.exog.shape[1]
+        if np.linalg.matrix_rank(model.exog) < p or p >= G:
+            tried.append(f"{name}: {'rank-deficient design' if p < G else f'{p} coefficients >= {G} domains'}")
+            continue
+        fit = model.fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
+        ci = fit.conf_int(alpha=0.05)
+        coefs = {k: {"estimate": float(fit.params[k]), "se": float(fit.bse[k]), "t": float(fit.tvalues[k]),
+                     "p": float(fit.pvalues[k]), "ci": [float(ci.loc[k, 0]), float(ci.loc[k, 1])]}
+                 for k in fit.params.index}
+        return {"rows": which, "model": name, "formula": formula, "reference_layout": ref, "n": int(len(rows)),
+                "G": G, "df_t": int(fit.df_resid_inference) if hasattr(fit, "df_resid_inference") else G - 1,
+                "se_method": "CR1 clustered by domain (statsmodels, small-sample factor), t on G - 1 df",
+                "coefficients": coefs, "not_identified": tried, "_fit": fit}
+    return {"rows": which, "n": int(len(rows)), "G": G, "not_fitted": "; ".join(tried)}
+
+
+def boundary(reg: dict, pairs: pd.DataFrame, threshold: float = BOUNDARY) -> list[dict]:
+    """Per (layout, Q, K) of the data: the fitted field-only recovery with its 95 % CI at each measured D, the
+    smallest measured D whose prediction is below `threshold`, and the smallest whose CI lies wholly below it."""
+    fit = reg.get("_fit")
+    if fit is None:
+        return []
+    out = []
+    ds = sorted(set(pairs["D"]))
+    for (layout, q, k), _ in pairs.groupby(["layout", "Q", "K"]):
+        grid = pd.DataFrame({"layout": layout, "Q": q, "K": k, "D": ds, "x": np.log1p(ds)})
+        pred = fit.get_prediction(grid).summary_frame(alpha=0.05)
+        points = [{"D": int(d), "fitted": float(m), "ci": [float(lo), float(hi)]}
+                  for d, m, lo, hi in zip(ds, pred["mean"], pred["mean_ci_lower"], pred["mean_ci_upper"])]
+        below = [p["D"] for p in points if p["fitted"] < threshold]
+        surely = [p["D"] for p in points if p["ci"][1] < threshold]
+        out.append({"layout": layout, "Q": q, "K": int(k), "threshold": threshold, "points": points,
+                    "first_D_fitted_below": below[0] if below else None,
+                    "first_D_ci_below": surely[0] if surely else None})
+    return out
+
+
+# ---------------------------------------------------------------- outputs
+def flat_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The cell table with one column per number (for CSV / markdown / LaTeX)."""
+    cols = {"model": table["model"], "order": table["order"], "layout": table["layout"], "K": table["K"],
+            "Q": table["Q"], "D": table["D"], "included": table["n_included"], "gated": table["n_gated"],
+            "domains": table["n_domains"]}
+    for name in ("correct_flip/allow->refuse", "correct_flip/refuse->allow"):
+        cols[f"{name} k/n"] = [f"{c['k']}/{c['n']}" for c in table[name]]
+    for name in ("field_only", "field_line", "downstream_only", "field_k_only", "field_v_only",
+                 f"field_only/{RELAXED}", f"downstream_only/{RELAXED}", "field_only_new_decision"):
+        cols[name] = [c["mean"] for c in table[name]]
+        cols[f"{name} lo"] = [c["lo"] for c in table[name]]
+        cols[f"{name} hi"] = [c["hi"] for c in table[name]]
+    return pd.DataFrame(cols)
+
+
+def phase_figure(table: pd.DataFrame) -> Figure:
+    """Field-only recovery (included pairs) per cell with its CI and n: columns = layouts (R->F first), rows = Q,
+    one line per model over D (log(1 + D) axis); the 0.2 boundary dashed."""
+    import matplotlib as mpl
+    layouts = list(dict.fromkeys(table.sort_values(["order"], key=lambda s: s != "R->F", kind="stable")["layout"]))
+    qs = [q for q in ("last", "first") if q in set(table["Q"])]
+    models = list(dict.fromkeys(table["model"]))
+    colors = [WONG[c] for c in ("blue", "orange", "green", "red", "purple", "sky")]
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(2.3 * len(layouts) + 0.6, 2.2 * len(qs) + 0.7))
+        axes = fig.subplots(len(qs), len(layouts), squeeze=False, sharey=True)
+        for i, q in enumerate(qs):
+            for j, layout in enumerate(layouts):
+                ax = axes[i][j]
+                sub = table[(table["Q"] == q) & (table["layout"] == layout) & (table["K"] == 1)]
+                for m, model in enumerate(models):
+                    s = sub[sub["model"] == model].sort_values("D")
+                    ok = [c["mean"] is not None for c in s["field_only"]]
+                    s = s[ok]
+                    if s.empty:
+                        continue
+                    x = np.log1p(s["D"].to_numpy())
+                    y = np.array([c["mean"] for c in s["field_only"]])
+                    lo = np.array([c["lo"] if c["lo"] is not None else c["mean"] for c in s["field_only"]])
+                    hi = np.array([c["hi"] if c["hi"] is not None else c["mean"] for c in s["field_only"]])
+                    ax.errorbar(x, y, yerr=[y - lo, hi - y], color=colors[m % len(colors)], marker="o", ms=3,
+                                lw=1.2, capsize=2, label=model)
+                    for xi, yi, n in zip(x, y, s["n_included"]):
+                        ax.annotate(f"n={n}", (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=6,
+                                    color=INK)
+                ax.axhline(BOUNDARY, color=WONG["grey"], ls="--", lw=0.8)
+                ax.axhline(0, color=INK, lw=0.6)
+                ds = sorted(set(table["D"]))
+                ax.set_xticks(np.log1p(ds), [str(d) for d in ds])
+                order = table[table["layout"] == layout]["order"].iloc[0]
+                ax.set_title(f"{layout} ({order}), Q {q}", fontsize=7.5)
+                if j == 0:
+                    ax.set_ylabel("field-only recovery")
+        axes[0][0].legend(fontsize=6, frameon=False)
+        fig.supxlabel("D: unique filler lines between the field and the next block (log(1 + D) axis)", fontsize=8)
+        fig.tight_layout()
+    return fig
+
+
+def _json_ready(reg: dict) -> dict:
+    return {k: v for k, v in reg.items() if not k.startswith("_")}
+
+
+def regime_map(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, scenario: str = "diverse_all",
+               prefix: str = "map-", models: list[str] | None = None) -> dict:
+    """Read the map's records, write the analysis record, the table and the phase figure; return the analysis."""
+    paths = map_records(results, scenario, prefix, models)
+    table, pairs, sources = cells(paths)
+    analysis = {"kind": "regime_map", "scenario": scenario, "prefix": prefix, "records": sources,
+                "boundary_threshold": BOUNDARY, "models": {}}
+    for model, sub in pairs.groupby("model"):
+        regs = {which: regression(sub, which) for which in ("included", RELAXED)}
+        analysis["models"][model] = {
+            "regression": {w: _json_ready(r) for w, r in regs.items()},
+            "boundary": {w: boundary(r, sub) for w, r in regs.items()},
+            "cells": json.loads(table[table["model"] == model].to_json(orient="records")),
+        }
+    stem = "regime_map" if scenario == "diverse_all" else f"regime_map_{scenario}"
+    record = Path(results) / "regime_map" / f"{scenario}-{prefix.rstrip('-')}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, analysis)
+    print(f"wrote {record}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = flat_table(table)
+    write_table(out, stem, flat)
+    (out / f"{stem}.tex").write_text(flat.to_latex(index=False, float_format="%.2f", na_rep=""))
+    fig = phase_figure(table)
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"{stem}.{ext}", dpi=200)
+    print(f"wrote {out / stem}.png, .pdf and .tex")
+    return analysis
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="The step-5 regime map from the sweep's locality records.")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--scenario", default="diverse_all")
+    p.add_argument("--prefix", default="map-", help="the cells' tag prefix")
+    p.add_argument("--models", default=None, help="comma-separated; default: every model with cells")
+    a = p.parse_args(argv)
+    try:
+        regime_map(a.results, a.out, a.scenario, a.prefix, a.models.split(",") if a.models else None)
+    except RecordError as e:
+        print(f"[kvnotes] {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The step-5 regime map (figures/regime_map.py): a mini map swept through `run.py -m experiment=regime_map` on the
+tiny model lands one record per cell, and the analysis reads them back (cells, regression, boundary, table, figure);
+the regression recovers a known structure from synthetic pairs."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from figures import regime_map as rm
+from kvnotes.models import REPO_ROOT
+
+DOMAINS = "[order_cancel,account_delete,password_reset,loyalty_discount,item_return,plan_upgrade,data_export," \
+          "card_replace,class_booking,rx_refill]"
+
+
+@pytest.fixture(scope="module")
+def mini_map(tmp_path_factory):
+    results = tmp_path_factory.mktemp("map")
+    cmd = [sys.executable, "run.py", "-m", "experiment=regime_map", "model=tiny-llama", "n_instances=1",
+           f"results_dir={results}", "make_figures=false", "stats.n_boot=200",
+           "exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0",
+           f"scenario.params.domains={DOMAINS}", "scenario.params.layout=rule_first,field_first_user",
+           "scenario.params.n_filler=0,4", "scenario.params.question=last,first",
+           f"hydra.sweep.dir={results}/.hydra"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return results
+
+
+def test_the_sweep_lands_one_record_per_cell_and_the_analysis_reads_them(mini_map, tmp_path):
+    paths = rm.map_records(mini_map, "diverse_all", "map-")
+    assert sorted(p.name for p in paths) == sorted(
+        f"diverse_all-map-{lay}-D{d}-Q{q}-K1.json" for lay in ("rule_first", "field_first_user") for d in (0, 4)
+        for q in ("last", "first"))
+    analysis = rm.regime_map(mini_map, tmp_path, "diverse_all", "map-")
+    cells = analysis["models"]["tiny-llama"]["cells"]
+    assert len(cells) == 8 and {(c["order"], c["D"], c["Q"]) for c in cells} == {
+        (o, d, q) for o in ("R->F", "F->R") for d in (0, 4) for q in ("last", "first")}
+    # every cell's numbers are its record's: the aggregate, and the direction counts recounted from the rows
+    for c in cells:
+        rec = json.loads((mini_map / "locality" / "tiny-llama" /
+                          f"diverse_all-map-{c['layout']}-D{c['D']}-Q{c['Q']}-K1.json").read_text())
+        assert c["field_only"]["mean"] == pytest.approx(rec["aggregate"]["field_only_recovery"]["mean"])
+        assert c["n_included"] == rec["summary"]["n_included"] and c["n_gated"] == rec["summary"]["n_gated"]
+        rows = [r for r in rec["instances"] + rec["excluded"] if r["kind"] == "gated"]
+        for d, words in (("allow->refuse", "allowed->disallowed"), ("refuse->allow", "disallowed->allowed")):
+            mine = [r for r in rows if r["variant"]["direction"] == words]
+            k = sum(r["dec_stale"] == r["expected_old"] and r["dec_oracle"] == r["expected_new"] for r in mine)
+            assert (c[f"correct_flip/{d}"]["k"], c[f"correct_flip/{d}"]["n"]) == (k, len(mine))
+    reg = analysis["models"]["tiny-llama"]["regression"]["included"]
+    assert reg["model"] == "O x log1p(D) x Q" and reg["G"] == 10 and reg["n"] == 80
+    assert any(":x:" in k for k in reg["coefficients"])                 # the three-way interaction is estimated
+    assert all(v["ci"][0] <= v["estimate"] <= v["ci"][1] for v in reg["coefficients"].values())
+    bounds = analysis["models"]["tiny-llama"]["boundary"]["included"]
+    assert {(b["layout"], b["Q"]) for b in bounds} == {(lay, q) for lay in ("rule_first", "field_first_user")
+                                                      for q in ("last", "first")}
+    for ext in ("png", "pdf", "csv", "md", "tex"):
+        assert (tmp_path / f"regime_map.{ext}").exists()
+    assert json.loads((mini_map / "regime_map" / "diverse_all-map.json").read_text())["models"]["tiny-llama"]
+
+
+def test_the_regression_recovers_a_known_structure():
+    """Synthetic pairs: R->F flat at 0.6; F->R falling as 0.5 - 0.15 log(1 + D); domain effects sd 0.05; the fitted
+    coefficients' CIs cover the truth and the boundary falls where the line crosses 0.2."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for g in range(30):
+        u = rng.normal(0, 0.05)
+        for layout, order in (("rule_first", "R->F"), ("field_first_user", "F->R")):
+            for d in (0, 4, 16, 48):
+                for q in ("last", "first"):
+                    for _ in range(2):
+                        x = np.log1p(d)
+                        y = 0.6 if order == "R->F" else 0.5 - 0.15 * x
+                        rows.append({"domain": f"d{g}", "layout": layout, "order": order, "D": d, "Q": q, "K": 1,
+                                     "status": "included", "delta_m": 2.0,
+                                     "field_only": y + u + rng.normal(0, 0.05)})
+    pairs = pd.DataFrame(rows)
+    reg = rm.regression(pairs)
+    c = reg["coefficients"]
+    slope = "C(layout, Treatment('rule_first'))[T.field_first_user]:x"
+    assert c[slope]["ci"][0] < -0.15 < c[slope]["ci"][1]
+    assert c["x"]["ci"][0] < 0 < c["x"]["ci"][1]
+    b = {(x["layout"], x["Q"]): x for x in rm.boundary(reg, pairs)}
+    assert b[("field_first_user", "last")]["first_D_fitted_below"] == 16   # 0.5 - 0.15 log 5 = 0.26; log 17: 0.075
+    assert b[("field_first_user", "last")]["first_D_ci_below"] in (16, 48)
+    assert b[("rule_first", "last")]["first_D_fitted_below"] is None
+
+
+def test_too_few_domains_is_said_not_fitted():
+    pairs = pd.DataFrame({"domain": ["a", "a", "b"], "layout": "rule_first", "D": [0, 4, 0], "Q": "last", "K": 1,
+                          "status": "included", "delta_m": 2.0, "field_only": [0.1, 0.2, 0.3]})
+    reg = rm.regression(pairs)
+    assert "not_fitted" in reg and rm.boundary(reg, pairs) == []
