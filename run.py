@@ -68,8 +68,13 @@ def peak_rss_gib() -> float:
 
 
 def _command(conf: dict, *extra: str) -> str:
-    return " ".join([run_command(conf["probe"]["name"], conf["model"]["name"], conf["scenario"]["name"],
-                                 conf.get("tag")), *extra])
+    """The run.py command that makes this config's record (with the pairs file and a non-default results_dir)."""
+    scen = conf["scenario"]
+    more = [f"scenario.path={scen['params']['path']}"] if scen.get("family") in scenarios.READ_FROM_FILE else []
+    if conf.get("results_dir") not in (None, "results") and _abs(conf["results_dir"]) != _abs("results"):
+        more.append(f"results_dir={conf['results_dir']}")
+    return " ".join([run_command(conf["probe"]["name"], conf["model"]["name"], scen["name"], conf.get("tag")),
+                     *more, *extra])
 
 
 # ---------------------------------------------------------------- checks made before any model work
@@ -162,7 +167,7 @@ def check_overwrite(path: Path, conf: dict, probe: Probe) -> None:
         shown = "\n  ".join(diff[:12]) + (f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else "")
         raise RecordConflictError(
             f"refusing to overwrite {path}: it was made with another config (record -> this run):\n  {shown}\n"
-            f"To keep both, tag this run (tag=<name> writes {path.stem}-<name>.json) or write elsewhere "
+            f"To keep both, tag this run (tag=<name> writes {path.stem.split('-')[0]}-<name>.json) or write elsewhere "
             f"(results_dir=...); to replace the record, pass overwrite=true.")
 
 
@@ -199,8 +204,6 @@ def run(cfg: DictConfig) -> dict:
     lm = load_model(spec, cfg.dtype, cache_dir)
     pairs, tokens, rejected = align_all(instances, lm.tokenizer, spec, rejected, lenient)
     instances = [p.instance for p in pairs]
-    if rejected:
-        _report_rejected(rejected, len(instances) + len(rejected), params.get("path"))
 
     # the resume file is named by the config's hash: sweep cells that share a record path never share one
     h = config_hash({k: v for k, v in conf.items() if k not in VOLATILE})
@@ -223,9 +226,27 @@ def run(cfg: DictConfig) -> dict:
     for pair in tqdm(todo, desc=f"{probe.name} {spec['name']} {cfg.scenario.name}", unit="inst"):
         if n_check is not None:
             kwargs["check_decode"] = sum(not k.endswith(SECOND) for k in progress.done) < n_check
-        progress.add(pair.instance.id, probe.measure(lm, pair, cand_ids(pair), **kwargs))
+        try:
+            result = probe.measure(lm, pair, cand_ids(pair), **kwargs)
+        except (RuntimeError, ValueError) as e:   # e.g. wording: a note site this pair's layout cannot take
+            if not lenient:
+                raise
+            rejected.append(Rejected(_rejected_line(pair.instance), pair.instance.id, "probe", str(e)))
+            continue
+        progress.add(pair.instance.id, result)
+    if len(rejected) > len(set(r.id for r in rejected)):
+        raise RuntimeError("a pair was rejected twice")   # cannot happen: each stage sees only the pairs left
+    gone = {r.id for r in rejected}
+    pairs = [p for p in pairs if p.instance.id not in gone]
+    instances = [p.instance for p in pairs]
+    tokens = {k: v for k, v in tokens.items() if k not in gone}
+    if not pairs:
+        raise ProbeConfigError("no pair could be measured: " + "; ".join(f"line {r.line} ({r.id}): {r.reason}"
+                                                                         for r in rejected[:8]))
 
-    raws = {k: dict(v) for k, v in progress.done.items() if not k.endswith(SECOND)}
+    if rejected:
+        _report_rejected(rejected, len(instances) + len(rejected), params.get("path"))
+    raws = {k: dict(v) for k, v in progress.done.items() if not k.endswith(SECOND) and k not in gone}
     seconds = {k: raws[k].pop("seconds", None) for k in raws}
     readouts = probe.readouts(lm.tokenizer, instances, raws)
     if probe.spec.second_pass:   # a pass that needs every pair's first pass and the readouts (e.g. rankings)
@@ -265,18 +286,26 @@ def run(cfg: DictConfig) -> dict:
 
 
 def pin_scenario_file(conf: dict) -> None:
-    """A scenario read from a file (scenario=pairs): its params get the file's sha256 (so the record, the resume
-    file and the overwrite check name the exact file; a changed file is a different config), and an untagged run
-    is tagged with the file's stem (results/<probe>/<model>/pairs-<stem>.json), so two files never share a record."""
+    """A scenario read from a file (scenario=pairs): its path is written repository-relative when the file is in
+    the repository, else absolute (so a re-analysis from another directory finds it); its params get the file's
+    sha256 (so the record, the resume file and the overwrite check name the exact file; a changed file is a
+    different config); and an untagged run is tagged with the file's stem (results/<probe>/<model>/pairs-<stem>.json;
+    a tag given replaces the stem). Two files with one stem (my.jsonl, my.yaml) would share a record: the overwrite
+    guard refuses the second until it is tagged."""
     scen = conf["scenario"]
     if scen["family"] not in scenarios.READ_FROM_FILE:
         return
     params = scen["params"]
+    where = resolve_pairs_path(params["path"]).resolve()
+    try:
+        params["path"] = str(where.relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        params["path"] = str(where)
+    if "path" in scen:
+        scen["path"] = params["path"]
     if not conf.get("tag"):
         conf["tag"] = resolve_pairs_path(params["path"]).stem
-    if conf.get("reanalyse"):     # the record's params name its file (and its sha256, checked when it is read)
-        return
-    digest = file_sha256(params["path"])
+    digest = file_sha256(params["path"])   # also when re-analysing: an unchanged file is then the same config
     if params.get("sha256") and params["sha256"] != digest:
         raise ProbeConfigError(f"scenario.params.sha256={params['sha256']} but {params['path']} has sha256 {digest}; "
                                f"leave sha256 unset (the run fills it in) or restore the file")
@@ -321,6 +350,9 @@ def align_all(instances: list, tokenizer, spec: dict, rejected: list, lenient: b
             info = pair.token_info(tokenizer)
             candidate_tokens(tokenizer, list(inst.candidates))
         except (AlignmentError, ValueError) as e:
+            if inst.source and not lenient:     # a pairs file with strict=true: say which line
+                raise PairError(_rejected_line(inst), inst.id, str(e), f"{inst.source.rsplit(':', 1)[0]} "
+                                                                       f"(strict=true) ") from None
             if not lenient:
                 raise
             rejected.append(Rejected(_rejected_line(inst), inst.id, "tokenizer", str(e)))
@@ -507,14 +539,21 @@ def _check_mode() -> None:
 def main(cfg: DictConfig) -> None:
     t0 = time.time()
     _check_mode()
-    run(cfg)
+    record = run(cfg)
     if cfg.make_figures:
         from figures import fig3, make_figures
         results = _abs(cfg.results_dir)
+        # figures of the repository's results go to figures/; of any other results directory, next to it
+        out = [] if results == _abs("results") else ["--out", str(results / "figures")]
+        jobs = [(make_figures.main, out), (fig3.main, out)]
+        name, tag = record["scenario"]["name"], record["config"].get("tag")
+        if record["experiment"] == "locality" and (tag or name not in make_figures.FIG3A_SCENARIOS):
+            # this run's own Fig. 3a (e.g. a pairs file's): figures/fig3a_locality_<scenario>[-<tag>].png
+            jobs.append((make_figures.main, [*out, "--scenario", name, *(["--tag", tag] if tag else [])]))
         with _figures_lock(results):
-            for make in (make_figures.main, fig3.main):   # each skips, with a message, what has no record yet
+            for make, extra in jobs:   # each skips, with a message, what has no record yet
                 try:
-                    make(["--results", str(results)])
+                    make(["--results", str(results), *extra])
                 except (SystemExit, RecordError) as e:   # e.g. a record a panel needs is missing: keep the record
                     print(f"[kvnotes] figures not regenerated ({make.__module__}): {e}")
     print(f"[kvnotes] wall time {time.time() - t0:.1f} s, peak memory {peak_rss_gib():.2f} GiB")

@@ -119,11 +119,26 @@ def output_stem(base: str, scenario: str | None = None, default_scenario: str | 
     return f"{stem}-{tag}" if tag else stem
 
 
+def _scenario_file_args(results: Path, probe: str, scenario: str, tag: str | None, shown: list[str]) -> str:
+    """For a scenario read from a file (pairs), the ` scenario.path=...` (and ` results_dir=...` when not the
+    default) the command needs, read from a shown model's record; "" otherwise."""
+    for m in shown:
+        path = record_path(results, probe, m, scenario, tag)
+        if path.is_file():
+            scen = (read_record(path).get("config") or {}).get("scenario") or {}
+            if scen.get("family") == "pairs":
+                out = f" scenario.path={scen['params']['path']}"
+                return out if Path(results).resolve() == DEFAULT_RESULTS.resolve() else f"{out} results_dir={results}"
+            return ""
+    return ""
+
+
 def note_missing_models(figure: str, results: Path, probe: str, scenario: str, tag: str | None,
                         shown: list[str], why: dict[str, str] | None = None) -> list[str]:
     """Print which registered models (configs/model/*.yaml, kind != tiny) `figure` leaves out, and why: no record
     (with the command that makes it), or the reason in `why` (e.g. no included pairs). Returns the left-out names."""
     why = why or {}
+    extra = _scenario_file_args(results, probe, scenario, tag, shown)
     registered = registered_models()
     left_out = [m for m in registered if m not in shown]
     if not left_out:
@@ -135,7 +150,7 @@ def note_missing_models(figure: str, results: Path, probe: str, scenario: str, t
         if m in why:
             print(f"  {m}: {why[m]} ({path})")
         elif not path.is_file():
-            print(f"  {m}: no record {path}  (run: {run_command(probe, m, scenario, tag)})")
+            print(f"  {m}: no record {path}  (run: {run_command(probe, m, scenario, tag)}{extra})")
         else:
             print(f"  {m}: not requested (--models)")
     return left_out

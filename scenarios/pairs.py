@@ -103,16 +103,18 @@ def read_entries(path: str | Path) -> list[tuple[int, object]]:
     file_sha256(p)
     if p.suffix not in SUFFIXES:
         raise PairsFileError(f"{p}: a pairs file is JSON Lines (.jsonl) or YAML (.yaml / .yml), not {p.suffix!r}")
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8-sig")     # a leading byte-order mark is not part of line 1
     if p.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                out.append((n, json.loads(line)))
+                out.append((n, json.loads(line, object_pairs_hook=_no_duplicate_keys)))
             except json.JSONDecodeError as e:
-                out.append((n, ValueError(f"not a JSON object: {e.msg} at column {e.colno}")))
+                out.append((n, ValueError(f"not a JSON object: {e.msg} (column {e.colno})")))
+            except ValueError as e:
+                out.append((n, e))
     else:
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -120,14 +122,49 @@ def read_entries(path: str | Path) -> list[tuple[int, object]]:
         except yaml.YAMLError as e:
             raise PairsFileError(f"{p}: not valid YAML ({e})") from None
         if data is None:
-            data, node = [], None
+            raise PairsFileError(f"{p}: the file holds no pairs")
         if not isinstance(data, list):
             raise PairsFileError(f"{p}: a YAML pairs file is a list of mappings (one per pair), not a "
                                  f"{type(data).__name__}")
-        out = [(item.start_mark.line + 1, entry) for item, entry in zip(node.value, data)]
+        out = []
+        for item, entry in zip(node.value, data):
+            dup = _yaml_duplicate_keys(item)
+            out.append((item.start_mark.line + 1, ValueError(dup) if dup else entry))
     if not out:
         raise PairsFileError(f"{p}: the file holds no pairs")
     return out
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate key{'s' if len(dup) > 1 else ''} {', '.join(map(repr, dup))} in one object "
+                         f"(JSON keeps only the last; write each key once)")
+    return dict(pairs)
+
+
+def _yaml_duplicate_keys(node) -> str | None:
+    """The reason an entry's YAML mapping (at any depth) repeats a key, or None."""
+    if isinstance(node, yaml.MappingNode):
+        keys = [k.value for k, _ in node.value]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            return (f"duplicate key{'s' if len(dup) > 1 else ''} {', '.join(map(repr, dup))} in one mapping "
+                    f"(YAML keeps only the last; write each key once)")
+        children = [v for _, v in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        return None
+    return next((r for r in map(_yaml_duplicate_keys, children) if r), None)
+
+
+def _not_text(value) -> str:
+    """A hint for a value YAML did not read as text (yes / no / on / off are booleans, 0 / 3 numbers)."""
+    if isinstance(value, (bool, int, float)):
+        return " (YAML read it as a boolean or a number: quote it, e.g. \"yes\" or \"3\")"
+    return ""
 
 
 def _messages(value, plain: bool, key: str) -> tuple:
@@ -150,7 +187,8 @@ def _messages(value, plain: bool, key: str) -> tuple:
 
 def _words(value, key: str) -> str:
     if not isinstance(value, str) or not value.strip() or value != value.strip():
-        raise ValueError(f"'{key}' must be a non-empty word without surrounding spaces, got {value!r}")
+        raise ValueError(f"'{key}' must be a non-empty word without surrounding spaces, got {value!r}"
+                         + _not_text(value))
     return value
 
 
@@ -178,18 +216,29 @@ def _value_span(old: str, new: str, values: dict | None) -> tuple[int, int, int]
                      f"({old[lo:hi_old]!r} -> {new[lo:hi_new]!r} at character {lo})")
 
 
+def _one_edit(old: str, new: str) -> None:
+    """Without `values`, the differing characters (widened to whole words) must be one edit: not several changes
+    with unchanged words between them (`pending\\nlanguage: fr` -> `shipped\\nlanguage: de`), and not across a
+    line break. ValueError naming the pieces otherwise."""
+    import difflib
+    a, b = re.findall(r"\w+|\W", old), re.findall(r"\w+|\W", new)
+    edits = [op for op in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if len(edits) > 1 or "\n" in old or "\n" in new:
+        pieces = [("".join(a[i1:i2]), "".join(b[j1:j2])) for _, i1, i2, j1, j2 in edits]
+        raise ValueError(f"the prompts differ in more than one place ({'; '.join(f'{x!r} -> {y!r}' for x, y in pieces)}"
+                         f"); a pair changes one value. If this is one value, give it as `values`")
+
+
 def parse_entry(entry, line: int, source: str = "") -> Instance:
     """One file entry as an Instance; ValueError with the reason when it cannot be used (PairError adds the line)."""
     if not isinstance(entry, dict):
         raise ValueError(f"an entry is a mapping, not a {type(entry).__name__}")
     missing = [k for k in REQUIRED if k not in entry]
-    if missing:
-        raise ValueError(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
-                         f"(required: {', '.join(REQUIRED)})")
     unknown = sorted(set(entry) - set(REQUIRED) - set(OPTIONAL))
-    if unknown:
-        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                         f"(known: {', '.join(REQUIRED + OPTIONAL)})")
+    problems = ([f"missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"] if missing else []) \
+        + ([f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"] if unknown else [])
+    if problems:   # both at once: a typo ('answer') is one unknown and one missing key
+        raise ValueError("; ".join(problems) + f" (required: {', '.join(REQUIRED)}; optional: {', '.join(OPTIONAL)})")
     pid, cluster = entry["id"], entry["cluster"]
     if not isinstance(pid, str) or not pid or not isinstance(cluster, str) or not cluster:
         raise ValueError("'id' and 'cluster' must be non-empty strings")
@@ -210,12 +259,16 @@ def parse_entry(entry, line: int, source: str = "") -> Instance:
     if values is not None:
         if not isinstance(values, dict) or set(values) != {"old", "new"} \
                 or not all(isinstance(v, str) and v for v in values.values()):
-            raise ValueError("'values' must be {old: text, new: text}, both non-empty")
+            raise ValueError("'values' must be {old: text, new: text}, both non-empty"
+                             + (_not_text(next(iter(values.values()))) if isinstance(values, dict) and values
+                                else ""))
     lo, hi_old, hi_new = _value_span(old[mi]["content"], new[mi]["content"], values)
     if old[mi]["content"][:lo] != new[mi]["content"][:lo] or \
             old[mi]["content"][hi_old:] != new[mi]["content"][hi_new:]:
         raise ValueError("the prompts differ outside one value")
     old_value, new_value = old[mi]["content"][lo:hi_old], new[mi]["content"][lo:hi_new]
+    if values is None:
+        _one_edit(old_value, new_value)
 
     answers = entry["answers"]
     if not isinstance(answers, dict) or set(answers) != {"old", "new"}:
@@ -294,8 +347,12 @@ def parse_entry(entry, line: int, source: str = "") -> Instance:
         nm, off = note
         if not (0 <= nm < len(old) and 0 <= off <= len(old[nm]["content"])):
             raise ValueError(f"'note_at' {note!r} is not inside the old prompt's messages")
-        if nm == mi and lo < off < hi_old:
-            raise ValueError(f"'note_at' {note!r} falls inside the changing value")
+        if nm < mi or (nm == mi and off < hi_old):
+            raise ValueError(f"'note_at' {note!r} comes before the end of the changing value (message {mi}, "
+                             f"character {hi_old}): an update note goes after the field")
+        if plain and off >= len(old[nm]["content"].rstrip()):
+            raise ValueError(f"'note_at' {note!r} is at the end of a plain prompt: the note would change the last "
+                             f"(decision) token; put it before the question")
         shift = (hi_new - hi_old) if nm == mi and off >= hi_old else 0
         note_at = ((nm, off), (nm, off + shift))
     meta = entry.get("meta", {})

@@ -59,6 +59,12 @@ def render_text(messages, tokenizer, plain_prompt: dict | None = None, suffix: s
             raise ValueError(f"a raw prompt is one text, got {len(messages)} messages")
         return messages[0]["content"] + suffix
     if plain_prompt:
+        missing = sorted({m["role"] for m in messages} - set(plain_prompt))
+        if missing:
+            raise ValueError(f"this model has no chat template and its plain_prompt layout has no entry for the "
+                             f"role{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} (it has "
+                             f"{', '.join(sorted(k for k in plain_prompt if k != 'generation'))}); use those roles, "
+                             f"or give the model config a layout for them")
         text = "".join(plain_prompt[m["role"]].format(content=m["content"]) for m in messages)
         text += plain_prompt["generation"]
         sep = " " if suffix else ""

@@ -12,7 +12,7 @@ from kvnotes.models import REPO_ROOT, load_model
 from probes.base import ProbeConfigError
 from scenarios import pairs
 from scenarios.export import ExportError, export
-from scenarios.render import AlignmentError, align
+from scenarios.render import align
 
 CONFIGS = str(REPO_ROOT / "configs")
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
@@ -100,7 +100,7 @@ BAD = [
     ("region outside the message", lambda: _pair(regions=[[1, 0, 10_000, "record"]]), "not inside message 1"),
     ("regions overlap", lambda: _pair(regions=[[1, 0, 20, "record"], [1, 10, 30, "request"]]), "overlap"),
     ("a label that is not a name", lambda: _pair(regions=[[1, 0, 5, "my label"]]), "a label is a name"),
-    ("note inside the value", lambda: _pair(note_at=[1, 29]), "inside the changing value"),
+    ("note inside the value", lambda: _pair(note_at=[1, 29]), "before the end of the changing value"),
 ]
 
 
@@ -120,8 +120,8 @@ def test_unreadable_lines_duplicates_and_whole_file_problems(tmp_path):
     path = _write(tmp_path / "p.jsonl", [_pair("a/1"), _pair("a/1")], raw_lines=["{not json"])
     instances, rejected = pairs.load(path)
     assert [i.id for i in instances] == ["a/1"]
-    assert [(r.line, r.reason.split(" (")[0]) for r in rejected] == [(2, "duplicate id 'a/1'"), (3, "not a JSON object: "
-                                                                      "Expecting property name enclosed in double quotes at column 2")]
+    assert [r.line for r in rejected] == [2, 3] and rejected[0].reason.startswith("duplicate id 'a/1' (first on line 1)")
+    assert rejected[1].reason == "not a JSON object: Expecting property name enclosed in double quotes (column 2)"
     with pytest.raises(pairs.PairsFileError, match="no pairs file at .*scenario.path="):
         pairs.load(tmp_path / "missing.jsonl")
     (tmp_path / "p.csv").write_text("x")
@@ -175,7 +175,7 @@ def test_tokenizer_problems_are_recorded_and_strict_stops(tmp_path):
     assert "no first token of its own" in got["answers/1"][2]
     assert sorted(r["id"] for r in rec["instances"] + rec["excluded"]) == ["ok/1", "ok/2"]
     assert rec["summary"]["n_rejected"] == 4 and all(r["source"].startswith("t.jsonl:") for r in rec["instances"])
-    with pytest.raises(AlignmentError, match="different lengths"):
+    with pytest.raises(pairs.PairError, match=r"t\.jsonl \(strict=true\) line 3 \(unequal/1\).*different lengths"):
         run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", "strict=true", "tag=strict"))
 
 
@@ -217,7 +217,8 @@ def test_a_plain_pair_is_the_raw_text(tmp_path):
 
 
 def test_wording_needs_note_sites_and_dose_needs_its_family(tmp_path, monkeypatch):
-    path = _write(tmp_path / "w.jsonl", [_pair("a/1", note_at=[1, 0]), _pair("a/2")])
+    site = _pair()["old"][1]["content"].index("I want")
+    path = _write(tmp_path / "w.jsonl", [_pair("a/1", note_at=[1, site]), _pair("a/2")])
     with pytest.raises(ProbeConfigError, match=r"(?s)probe .wording. cannot use 1 of the 2 pairs.*line 2 \(a/2\).*note"):
         run_module.run(_cfg(tmp_path, "probe=wording", "scenario=pairs", f"scenario.path={path}", "strict=true"))
     insts, rejected = run_module.check_instances(run_module.load_probe("wording"), *pairs.load(path), lenient=True)
@@ -236,3 +237,59 @@ def test_a_changed_file_is_a_different_config(tmp_path):
         run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", *RELAXED))
     with pytest.raises(pairs.PairsFileError, match="changed since the record"):
         run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", "reanalyse=true", "tag=c"))
+
+
+def test_a_pairs_record_re_analyses_from_its_file(tmp_path, monkeypatch):
+    path = _write(tmp_path / "r.jsonl", [_pair("a/1"), _pair("a/2", old="shipped", new="pending",
+                                                              answers=("deny", "cancel"))])
+    first = run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", *RELAXED))
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("re-analysis loaded the model"))
+    again = run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", "reanalyse=true", *RELAXED))
+    assert again["config"]["scenario"]["params"]["sha256"] == first["config"]["scenario"]["params"]["sha256"]
+    assert again["reanalysed"][0]["scenario_config_migrated"] == []
+    assert again["aggregate"] == first["aggregate"] and again["instances"] == first["instances"]
+
+
+def test_review_findings_stay_fixed(tmp_path):
+    """Separate edits are not merged into one "value"; duplicate keys, YAML booleans, an empty YAML file, a byte-order
+    mark, a note before the field and a note at the end of a plain prompt are all named."""
+    two = _pair()
+    two["new"][1]["content"] = two["new"][1]["content"].replace("web", "app")
+    with pytest.raises(ValueError, match=r"more than one place \('pending' -> 'shipped'; 'web' -> 'app'\)"):
+        pairs.parse_entry(two, 1)
+    assert pairs.parse_entry({**two, "values": {"old": "pending\nchannel: web", "new": "shipped\nchannel: app"}},
+                             1).old_value == "pending\nchannel: web"          # given as one value: taken as one
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "id": "b"}\n')
+    [(line, err)] = pairs.read_entries(tmp_path / "d.jsonl")
+    assert line == 1 and "duplicate key 'id'" in str(err)
+    (tmp_path / "d.yaml").write_text("- id: a\n  cluster: x\n  cluster: y\n")
+    assert "duplicate key 'cluster'" in str(pairs.read_entries(tmp_path / "d.yaml")[0][1])
+    (tmp_path / "e.yaml").write_text("# nothing yet\n")
+    with pytest.raises(pairs.PairsFileError, match="holds no pairs"):
+        pairs.load(tmp_path / "e.yaml")
+    with pytest.raises(ValueError, match="quote it"):
+        pairs.parse_entry({**_pair(), "answers": {"old": True, "new": False}}, 1)
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps(_pair()) + "\n", encoding="utf-8")
+    assert [i.id for i in pairs.load(tmp_path / "bom.jsonl")[0]] == ["p/1"]
+    with pytest.raises(ValueError, match="before the end of the changing value"):
+        pairs.parse_entry(_pair(note_at=[0, 10]), 1)                 # in the system message, before the field
+    text = "order_status: {}\nAnswer with one word, cancel or deny."
+    with pytest.raises(ValueError, match="end of a plain prompt"):
+        pairs.parse_entry({"id": "r", "cluster": "r", "plain": True, "old": text.format("pending"),
+                           "new": text.format("shipped"), "answers": {"old": "cancel", "new": "deny"},
+                           "note_at": [0, len(text.format("pending"))]}, 1)
+    with pytest.raises(ValueError, match=r"missing key 'answers'; unknown key 'answer'"):
+        pairs.parse_entry({**{k: v for k, v in _pair().items() if k != "answers"}, "answer": {}}, 1)
+
+
+def test_a_model_without_a_role_layout_rejects_the_pair_with_the_reason(tmp_path):
+    entry = _pair("a/2")
+    entry["old"].insert(1, {"role": "assistant", "content": "Let me check."})
+    entry["new"].insert(1, {"role": "assistant", "content": "Let me check."})
+    path = _write(tmp_path / "a.jsonl", [_pair("a/1"), entry])
+    layout = "model.plain_prompt={system: '{content} ', user: '{content} ', generation: 'Answer:'}"
+    rec = run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", layout, *RELAXED))
+    [r] = rec["rejected"]
+    assert (r["id"], r["line"], r["stage"]) == ("a/2", 2, "tokenizer") and "role 'assistant'" in r["reason"]
+    with pytest.raises(pairs.PairError, match=r"a\.jsonl \(strict=true\) line 2 \(a/2\).*role 'assistant'"):
+        run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", layout, "strict=true", "tag=s"))
