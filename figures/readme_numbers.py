@@ -85,6 +85,22 @@ BLOCKS: dict[str, dict] = {
                  ("inclusion_rate", "", "gated pairs included"),
                  *_slices()],
     },
+    "locality-qwen2.5-coder-1.5b-pairs-policy_pairs": {
+        "shows": "locality on the 1.5B over the hand-written example pairs (scenarios/examples/policy_pairs.jsonl)",
+        "records": [("locality", "qwen2.5-coder-1.5b", "pairs", "policy_pairs")],
+        "rows": [("field_only_recovery", "", "field-only, pair-weighted"),
+                 ("field_only_recovery", "", "field-only, scenario-weighted", *SW),
+                 ("field_line_recovery", "", "field + its newline"),
+                 ("downstream_only_recovery", "", "downstream-only, pair-weighted"),
+                 ("downstream_only_recovery", "", "downstream-only, scenario-weighted", *SW),
+                 ("field_only_new_decision_rate", "", "field-only gives the new decision"),
+                 ("flip_rate", "", "gated pairs whose decision flips"),
+                 ("correct_flip_rate", "", "... flips the way the file says"),
+                 ("inclusion_rate", "", "gated pairs included"),
+                 ("slices", "abs_delta_m_ge_0.5/field_only_recovery", "field-only, all pairs with \\|Δm\\| ≥ 0.5"),
+                 ("slices", "abs_delta_m_ge_0.5/downstream_only_recovery",
+                  "downstream-only, all pairs with \\|Δm\\| ≥ 0.5")],
+    },
     "bench-qwen2.5-coder-1.5b": {
         "shows": "the splice benchmark (benchmarks/splice_bench.py) on the 1.5B, fp32: splices/s of the three paths "
                  "in one run, their ratios, the engine's share of this CPU's FLOP ceiling, and their agreement",
