@@ -223,6 +223,7 @@ def run(cfg: DictConfig) -> dict:
     kwargs = {k: options[k] for k in probe.spec.measure_options}
     n_check = options.get("check_decode_instances")   # declared only by probes whose measure() has the check
     todo = [p for p in pairs if p.instance.id not in progress.done]
+    gone = set()   # pairs this probe could not measure (a pairs file's, rejected with the reason)
     for pair in tqdm(todo, desc=f"{probe.name} {spec['name']} {cfg.scenario.name}", unit="inst"):
         if n_check is not None:
             kwargs["check_decode"] = sum(not k.endswith(SECOND) for k in progress.done) < n_check
@@ -232,11 +233,9 @@ def run(cfg: DictConfig) -> dict:
             if not lenient:
                 raise
             rejected.append(Rejected(_rejected_line(pair.instance), pair.instance.id, "probe", str(e)))
+            gone.add(pair.instance.id)
             continue
         progress.add(pair.instance.id, result)
-    if len(rejected) > len(set(r.id for r in rejected)):
-        raise RuntimeError("a pair was rejected twice")   # cannot happen: each stage sees only the pairs left
-    gone = {r.id for r in rejected}
     pairs = [p for p in pairs if p.instance.id not in gone]
     instances = [p.instance for p in pairs]
     tokens = {k: v for k, v in tokens.items() if k not in gone}

@@ -293,3 +293,19 @@ def test_a_model_without_a_role_layout_rejects_the_pair_with_the_reason(tmp_path
     assert (r["id"], r["line"], r["stage"]) == ("a/2", 2, "tokenizer") and "role 'assistant'" in r["reason"]
     with pytest.raises(pairs.PairError, match=r"a\.jsonl \(strict=true\) line 2 \(a/2\).*role 'assistant'"):
         run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", layout, "strict=true", "tag=s"))
+
+
+def test_a_duplicate_id_and_a_pair_the_probe_cannot_measure_leave_the_rest(tmp_path, monkeypatch):
+    import probes.locality as locality
+    real = locality.measure
+
+    def measure(lm, pair, *a, **k):
+        if pair.instance.id == "b/1":
+            raise RuntimeError("b/1: this probe cannot take it")
+        return real(lm, pair, *a, **k)
+    monkeypatch.setattr(locality, "measure", measure)
+    path = _write(tmp_path / "u.jsonl", [_pair("a/1"), _pair("a/1"), _pair("b/1"),
+                                         _pair("c/1", old="shipped", new="pending", answers=("deny", "cancel"))])
+    rec = run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", *RELAXED))
+    assert sorted(r["id"] for r in rec["instances"] + rec["excluded"]) == ["a/1", "c/1"]   # the first a/1 stays
+    assert [(r["line"], r["id"], r["stage"]) for r in rec["rejected"]] == [(2, "a/1", "parse"), (3, "b/1", "probe")]
