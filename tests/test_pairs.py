@@ -309,3 +309,16 @@ def test_a_duplicate_id_and_a_pair_the_probe_cannot_measure_leave_the_rest(tmp_p
     rec = run_module.run(_cfg(tmp_path, "scenario=pairs", f"scenario.path={path}", *RELAXED))
     assert sorted(r["id"] for r in rec["instances"] + rec["excluded"]) == ["a/1", "c/1"]   # the first a/1 stays
     assert [(r["line"], r["id"], r["stage"]) for r in rec["rejected"]] == [(2, "a/1", "parse"), (3, "b/1", "probe")]
+
+
+@pytest.mark.parametrize("probe", ["locality", "positions", "layers", "topk", "knockout", "attribution", "wording"])
+def test_every_probe_that_needs_only_aligned_pairs_runs_on_a_pairs_file(tmp_path, probe):
+    site = _pair()["old"][1]["content"].index("I want")
+    entries = [_pair("a/1", cluster="a", note_at=[1, site], restrictive="deny"),
+               _pair("b/1", cluster="b", old="shipped", new="pending", answers=("deny", "cancel"),
+                     note_at=[1, site], restrictive="deny"),
+               _pair("c/1", cluster="c", note_at=[1, site], restrictive="deny")]
+    path = _write(tmp_path / "all.jsonl", entries)
+    rec = run_module.run(_cfg(tmp_path, f"probe={probe}", "scenario=pairs", f"scenario.path={path}", *RELAXED))
+    assert rec["rejected"] == [] and rec["summary"]["n_included"] == 3
+    assert sorted(r["source"] for r in rec["instances"]) == ["all.jsonl:1", "all.jsonl:2", "all.jsonl:3"]
