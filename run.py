@@ -203,7 +203,6 @@ def run(cfg: DictConfig) -> dict:
     spec = conf["model"]   # the composed model config: overrides and search-path configs included
     lm = load_model(spec, cfg.dtype, cache_dir)
     pairs, tokens, rejected = align_all(instances, lm.tokenizer, spec, rejected, lenient)
-    instances = [p.instance for p in pairs]
 
     # the resume file is named by the config's hash: sweep cells that share a record path never share one
     h = config_hash({k: v for k, v in conf.items() if k not in VOLATILE})
@@ -240,8 +239,7 @@ def run(cfg: DictConfig) -> dict:
     instances = [p.instance for p in pairs]
     tokens = {k: v for k, v in tokens.items() if k not in gone}
     if not pairs:
-        raise ProbeConfigError("no pair could be measured: " + "; ".join(f"line {r.line} ({r.id}): {r.reason}"
-                                                                         for r in rejected[:8]))
+        raise ProbeConfigError(f"no pair could be measured: all {len(rejected)} were rejected:" + _listed(rejected))
 
     if rejected:
         _report_rejected(rejected, len(instances) + len(rejected), params.get("path"))
@@ -303,12 +301,17 @@ def pin_scenario_file(conf: dict) -> None:
     if "path" in scen:
         scen["path"] = params["path"]
     if not conf.get("tag"):
-        conf["tag"] = resolve_pairs_path(params["path"]).stem
-    digest = file_sha256(params["path"])   # also when re-analysing: an unchanged file is then the same config
+        conf["tag"] = where.stem
+    digest = file_sha256(where)   # also when re-analysing: an unchanged file is then the same config
     if params.get("sha256") and params["sha256"] != digest:
         raise ProbeConfigError(f"scenario.params.sha256={params['sha256']} but {params['path']} has sha256 {digest}; "
                                f"leave sha256 unset (the run fills it in) or restore the file")
     params["sha256"] = digest
+
+
+def _listed(rejected: list, at_most: int = 8) -> str:
+    """The first rejections, one `line N (id): reason` per line, for an error message."""
+    return "".join(f"\n  line {r.line} ({r.id}): {r.reason}" for r in rejected[:at_most])
 
 
 def _rejected_line(inst) -> int:
@@ -328,12 +331,11 @@ def check_instances(probe: Probe, instances: list, rejected: list, lenient: bool
         else:
             keep.append(inst)
     if lacking and not lenient:
-        raise ProbeConfigError(f"probe {probe.name!r} cannot use {len(lacking)} of the {len(instances)} pairs:\n  "
-                               + "\n  ".join(f"line {r.line} ({r.id}): {r.reason}" for r in lacking[:8]))
+        raise ProbeConfigError(f"probe {probe.name!r} cannot use {len(lacking)} of the {len(instances)} pairs:"
+                               + _listed(lacking))
     rejected = rejected + lacking
     if not keep:
-        reasons = "\n  ".join(f"line {r.line} ({r.id}): {r.reason}" for r in rejected[:8])
-        raise ProbeConfigError(f"no usable pair: all {len(rejected)} were rejected:\n  {reasons}")
+        raise ProbeConfigError(f"no usable pair: all {len(rejected)} were rejected:" + _listed(rejected))
     return keep, rejected
 
 
@@ -359,8 +361,7 @@ def align_all(instances: list, tokenizer, spec: dict, rejected: list, lenient: b
         pairs.append(pair)
         tokens[inst.id] = info
     if not pairs:
-        reasons = "\n  ".join(f"line {r.line} ({r.id}): {r.reason}" for r in rejected[:8])
-        raise AlignmentError(f"no pair aligns for this model: all {len(rejected)} were rejected:\n  {reasons}")
+        raise AlignmentError(f"no pair aligns for this model: all {len(rejected)} were rejected:" + _listed(rejected))
     return pairs, tokens, rejected
 
 

@@ -88,19 +88,23 @@ def resolve(path: str | Path) -> Path:
     return REPO_ROOT / p
 
 
-def file_sha256(path: str | Path) -> str:
+def existing(path: str | Path) -> Path:
+    """The resolved file; PairsFileError naming where it was looked for when there is none."""
     p = resolve(path)
     if not p.is_file():
         raise PairsFileError(f"no pairs file at {p}; give one with scenario.path=<file.jsonl> (see scenarios/pairs.py "
                              f"for the format, scenarios/examples/ for an example)")
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+    return p
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(existing(path).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- reading the file
 def read_entries(path: str | Path) -> list[tuple[int, object]]:
     """[(line, entry or the exception that made the line unreadable)] in file order."""
-    p = resolve(path)
-    file_sha256(p)
+    p = existing(path)
     if p.suffix not in SUFFIXES:
         raise PairsFileError(f"{p}: a pairs file is JSON Lines (.jsonl) or YAML (.yaml / .yml), not {p.suffix!r}")
     text = p.read_text(encoding="utf-8-sig")     # a leading byte-order mark is not part of line 1
