@@ -22,6 +22,7 @@ The boundary: per (O, Q, K), the predicted field-only recovery with its CI at ea
 the prediction is below 0.2, and the smallest D where its whole CI is.
 
     python -m figures.regime_map [--results DIR] [--out DIR] [--models a,b] [--scenario diverse_all] [--prefix map-]
+    python -m figures.regime_map --pilot      # the pilot's per-layout flip rates (records tagged pilot-<layout>)
 
 Writes results/regime_map/<scenario>-<prefix stem>.json (the analysis record: cells, regression, boundary, the
 records it read with their git shas) and figures/regime_map[_<scenario>].{png,pdf,csv,md,tex}.
@@ -58,18 +59,21 @@ class RegimeMapError(RecordError):
     pass
 
 
-def cell_factors(rec: dict, path: Path) -> dict:
-    """O / D / Q / K of one cell, from the record's scenario params (a D given as a range [lo, hi] must be exact)."""
+def cell_factors(rec: dict, path: Path, exact_d: bool = True) -> dict:
+    """O / D / Q / K of one cell, from the record's scenario params. A D given as a range [lo, hi] must be exact for
+    a map cell (RegimeMapError otherwise); with exact_d=False (the pilot) it is kept as the string "lo-hi"."""
     from scenarios.diverse import LAYOUTS
     params = rec["config"]["scenario"]["params"]
     layout = params.get("layout") or "rule_first"
     d = params.get("n_filler")
     if isinstance(d, list):
-        if len(d) != 2 or d[0] != d[1]:
+        if len(d) != 2:
+            raise RegimeMapError(f"{path}: n_filler {d} is neither a count nor a range [lo, hi]")
+        if d[0] != d[1] and exact_d:
             raise RegimeMapError(f"{path}: n_filler {d} is a range; a map cell needs an exact count")
-        d = d[0]
-    return {"layout": layout, "order": LAYOUTS[layout], "D": int(d), "Q": params.get("question", "last"),
-            "K": int(params.get("n_gates", 1))}
+        d = d[0] if d[0] == d[1] else f"{d[0]}-{d[1]}"
+    return {"layout": layout, "order": LAYOUTS[layout], "D": d if isinstance(d, str) else int(d),
+            "Q": params.get("question", "last"), "K": int(params.get("n_gates", 1))}
 
 
 def map_records(results: Path, scenario: str, prefix: str, models: list[str] | None = None) -> list[Path]:
@@ -113,17 +117,18 @@ def _rate(rows: pd.DataFrame, column: str) -> dict:
     return {"mean": s["mean"], "lo": lo, "hi": hi, "k": s["k"], "n": s["n"], "G": s["n_clusters"]}
 
 
-def cells(paths: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def cells(paths: list[Path], exact_d: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """(the cell table, the per-pair table with the cell factors, the records read)."""
     rows, pairs, sources = [], [], []
     for path in paths:
         rec = read_record(path)
-        f = cell_factors(rec, path)
+        f = cell_factors(rec, path, exact_d)
         agg = load_aggregates(path)
         per_pair = _pairs(load_frame(path)).assign(**f)
         pairs.append(per_pair)
+        seconds = (rec.get("timing") or {}).get("per_instance_s", {}).values()
         sources.append({"path": str(path), "git_sha": rec["provenance"].get("git_sha"),
-                        "tag": split_record_name(path)[1], **f})
+                        "model_s": round(sum(v or 0 for v in seconds), 1), "tag": split_record_name(path)[1], **f})
         row = {"model": rec["model"]["name"], **f, "n_gated": int(rec["summary"]["n_gated"]),
                "n_included": int(rec["summary"]["n_included"]), "n_domains": len({*per_pair["domain"]})}
         for name, col in (("flip", "flips"), ("correct_flip", "correct")):
@@ -263,6 +268,12 @@ def phase_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
+def _total_model_s(sources: list[dict]) -> float:
+    """The records' summed per-pair model time in seconds (timing.per_instance_s: complete across resumed sessions;
+    model loading and analysis not counted)."""
+    return round(float(sum(s["model_s"] for s in sources)), 1)
+
+
 def _json_ready(reg: dict) -> dict:
     return {k: v for k, v in reg.items() if not k.startswith("_")}
 
@@ -273,7 +284,7 @@ def regime_map(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, scenari
     paths = map_records(results, scenario, prefix, models)
     table, pairs, sources = cells(paths)
     analysis = {"kind": "regime_map", "scenario": scenario, "prefix": prefix, "records": sources,
-                "boundary_threshold": BOUNDARY, "models": {}}
+                "model_s_total": _total_model_s(sources), "boundary_threshold": BOUNDARY, "models": {}}
     for model, sub in pairs.groupby("model"):
         regs = {which: regression(sub, which) for which in ("included", RELAXED)}
         analysis["models"][model] = {
@@ -298,16 +309,50 @@ def regime_map(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, scenari
     return analysis
 
 
+def regime_pilot(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, scenario: str = "diverse_all",
+                 prefix: str = "pilot-", models: list[str] | None = None) -> dict:
+    """The pilot's table (experiment=regime_pilot: one record per layout, D drawn from a range): every layout's flip
+    and correct-flip rates by direction and its recoveries, chosen or not; no regression (D is not a factor there).
+    Writes results/regime_map/<scenario>-pilot.json (-<prefix stem>-pilot.json for another prefix) and figures/regime_pilot.{csv,md,tex}."""
+    paths = map_records(results, scenario, prefix, models)
+    table, _, sources = cells(paths, exact_d=False)
+    rate = table["correct_flip"].map(lambda c: c["mean"] if c["mean"] is not None else -1.0)
+    table = table.assign(_rate=rate).sort_values(["model", "_rate"], ascending=[True, False], kind="stable")
+    table = table.drop(columns="_rate").reset_index(drop=True)
+    analysis = {"kind": "regime_pilot", "scenario": scenario, "prefix": prefix, "records": sources,
+                "model_s_total": _total_model_s(sources), "cells": json.loads(table.to_json(orient="records"))}
+    name = f"{scenario}-{prefix.rstrip('-')}" + ("" if prefix == "pilot-" else "-pilot")  # never a map's name
+    record = Path(results) / "regime_map" / f"{name}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, analysis)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "regime_pilot" if scenario == "diverse_all" else f"regime_pilot_{scenario}"
+    flat = flat_table(table)
+    for i, (col, key) in enumerate((("correct_flip k/n", None), ("correct_flip", "mean"), ("correct_flip lo", "lo"),
+                                    ("correct_flip hi", "hi"))):
+        flat.insert(9 + i, col, [f"{c['k']}/{c['n']}" if key is None else c[key] for c in table["correct_flip"]])
+    write_table(out, stem, flat)
+    (out / f"{stem}.tex").write_text(flat.to_latex(index=False, float_format="%.2f", na_rep=""))
+    print(f"wrote {record} and {out / stem}.tex")
+    return analysis
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The step-5 regime map from the sweep's locality records.")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--scenario", default="diverse_all")
-    p.add_argument("--prefix", default="map-", help="the cells' tag prefix")
+    p.add_argument("--prefix", default=None, help="the cells' tag prefix (default map-, or pilot- with --pilot)")
+    p.add_argument("--pilot", action="store_true", help="the pilot's per-layout table instead of the map")
     p.add_argument("--models", default=None, help="comma-separated; default: every model with cells")
     a = p.parse_args(argv)
     try:
-        regime_map(a.results, a.out, a.scenario, a.prefix, a.models.split(",") if a.models else None)
+        models = a.models.split(",") if a.models else None
+        if a.pilot:
+            regime_pilot(a.results, a.out, a.scenario, a.prefix or "pilot-", models)
+        else:
+            regime_map(a.results, a.out, a.scenario, a.prefix or "map-", models)
     except RecordError as e:
         print(f"[kvnotes] {e}", file=sys.stderr)
         return 1

@@ -96,3 +96,42 @@ def test_too_few_domains_is_said_not_fitted():
                           "status": "included", "delta_m": 2.0, "field_only": [0.1, 0.2, 0.3]})
     reg = rm.regression(pairs)
     assert "not_fitted" in reg and rm.boundary(reg, pairs) == []
+
+
+def test_a_range_of_d_is_refused_in_the_map_and_kept_in_the_pilot(tmp_path):
+    rec = {"config": {"scenario": {"params": {"layout": "field_first_user", "n_filler": [0, 6]}}}}
+    with pytest.raises(rm.RegimeMapError, match="is a range"):
+        rm.cell_factors(rec, tmp_path / "r.json")
+    assert rm.cell_factors(rec, tmp_path / "r.json", exact_d=False) == {
+        "layout": "field_first_user", "order": "F->R", "D": "0-6", "Q": "last", "K": 1}
+    rec["config"]["scenario"]["params"]["n_filler"] = [4, 4]
+    assert rm.cell_factors(rec, tmp_path / "r.json")["D"] == 4
+
+
+def test_the_pilot_table_lists_every_layout_with_its_correct_flip_rate(mini_map, tmp_path):
+    analysis = rm.regime_pilot(mini_map, tmp_path, "diverse_all", "map-")
+    rates = [c["correct_flip"]["mean"] for c in analysis["cells"]]
+    assert len(rates) == 8 and rates == sorted(rates, reverse=True)        # best layout first
+    table = pd.read_csv(tmp_path / "regime_pilot.csv")
+    assert list(table["correct_flip k/n"]) == [f"{c['correct_flip']['k']}/{c['correct_flip']['n']}"
+                                               for c in analysis["cells"]]
+    assert (tmp_path / "regime_pilot.tex").exists()
+    assert json.loads((mini_map / "regime_map" / "diverse_all-map-pilot.json").read_text())["kind"] == "regime_pilot"
+
+
+def test_the_readme_block_shows_each_cell_of_the_analysis_record(mini_map, tmp_path):
+    from figures import readme_numbers as rn
+    analysis = rm.regime_map(mini_map, tmp_path, "diverse_all", "map-")
+    spec = {"kind": "regime", "file": "regime_map/diverse_all-map.json", "model": "tiny-llama",
+            "where": {"Q": "last", "K": 1}, "command": "python -m figures.regime_map"}
+    text = rn.render_block("regime-test", spec, mini_map)
+    cells = [c for c in analysis["models"]["tiny-llama"]["cells"] if c["Q"] == "last"]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| R->F") or ln.startswith("| F->R")]
+    assert len(rows) == len(cells) == 4
+    for c, row in zip(cells, rows):
+        assert f"| {c['n_included']}/{c['n_gated']} |" in row and f"{c['field_only']['mean']:.2f}" in row
+    assert "Fitted field-only recovery" in text and "git " in text
+    with pytest.raises(rn.RecordError, match="no cell"):
+        rn.render_block("regime-test", {**spec, "where": {"Q": "nowhere"}}, mini_map)
+    with pytest.raises(rn.MissingRecord, match="figures.regime_map"):
+        rn.render_block("regime-test", {**spec, "file": "regime_map/absent.json"}, mini_map)
