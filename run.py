@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers can be imported: nothing touches the network
 
 import fcntl
+import inspect
 import json
 import random
 import resource
@@ -131,13 +132,29 @@ def _flat(d, prefix="") -> dict:
     return out
 
 
+def scenario_defaults(family: str | None) -> dict:
+    """The keyword defaults of a scenario family's generator (its make_instances signature, without n_instances and
+    seed); {} for an unknown family."""
+    make = scenarios.FAMILIES.get(family)
+    if make is None:
+        return {}
+    return {name: p.default for name, p in inspect.signature(make).parameters.items()
+            if p.default is not inspect.Parameter.empty and name not in ("n_instances", "seed")}
+
+
 def comparable(conf: dict, probe: Probe) -> dict:
     """A config as a record's identity: without the volatile settings, with the probe's options as the current
-    contract reads them (defaults filled in; options it no longer has dropped, since nothing reads them)."""
+    contract reads them (defaults filled in; options it no longer has dropped, since nothing reads them), and the
+    scenario params with the generator's defaults filled in (a param added later with a default that keeps the
+    prompts as they were, e.g. diverse's `changes: field`, does not make an older record another config)."""
     out = {k: v for k, v in conf.items() if k not in VOLATILE}
     given = out.get("probe") or {}
     out["probe"] = {"name": given.get("name"), **probe.spec.options,
                     **{k: v for k, v in given.items() if k in probe.spec.options}}
+    scen = out.get("scenario")
+    if isinstance(scen, dict) and isinstance(scen.get("params"), dict):
+        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in scenario_defaults(scen.get("family")).items()}
+        out["scenario"] = {**scen, "params": {**defaults, **scen["params"]}}
     return out
 
 

@@ -34,6 +34,10 @@ def _corpus_words() -> list[str]:
                 for a in inst.candidates:
                     for v in variants(a):
                         words.update(_PIECE.findall(v))
+    from scenarios.diverse import domain_table   # values only the same-conclusion controls write
+    for d in domain_table().values():
+        for v in d.other_values:
+            words.update(_PIECE.findall(v))
     return sorted(words)
 
 

@@ -40,7 +40,9 @@ CONTRACT = ProbeSpec(
     # variants / baseline / paired_test: None takes them from configs/probe/wording.yaml (load_options)
     options={"batch_size": 16, "check_decode_instances": 1, "variants": None, "baseline": None, "paired_test": None},
     measure_options=("batch_size", "variants", "baseline", "paired_test"),
-    scenarios={"diverse": {}, "family_a": {}, "pairs": {}},   # the families that mark the note's place
+    # the families that mark the note's place; on diverse only field pairs (a trigger pair's field does not change,
+    # so "the field has changed to ..." would be false; None: a config from before the `changes` param)
+    scenarios={"diverse": {"changes": ("field", None)}, "family_a": {}, "pairs": {}},
     instance_needs={"note_at": "the update note's place (`note_at: [message, offset]` in a pairs file)"},
     reanalysable=True)
 CONFIG = REPO_ROOT / "configs" / "probe" / "wording.yaml"

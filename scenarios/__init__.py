@@ -2,9 +2,10 @@
 
 The generated families (diverse, diverse_dose, family_a) make their instances from a seed; `pairs` reads a
 researcher's own file (scenarios/pairs.py) and may leave bad entries out with reasons (`load`)."""
-from scenarios import diverse, dose, family_a, pairs
+from scenarios import diverse, dose, family_a, offtemplate, pairs
 
 FAMILIES = {"diverse": diverse.make_instances, "diverse_dose": dose.make_instances, "family_a": family_a.make_instances,
+            "family_c": offtemplate.make_family_c, "offtemplate": offtemplate.make_instances,
             "pairs": pairs.make_instances}
 READ_FROM_FILE = ("pairs",)   # families whose bad entries are rejected with reasons instead of stopping the run
 

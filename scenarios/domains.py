@@ -16,8 +16,16 @@ Adding a domain = adding one file (no Python, no test edits). A file `<key>.yaml
     answers: {allow: cancel, refuse: deny}     # the one-word answers; refuse is the restrictive (safe) one
     rule: "An order may be cancelled only if its order_status is pending. ..."  # names the allowed or disallowed value
     rule_inverted: null          # optional; default: `rule` with the two values swapped (whole words)
+    other_values: [delivered]    # optional; see below
     requests:                    # >= 3 paraphrases; placeholders {name} {oid}
       - "Please cancel order {oid}."
+
+`other_values` (optional) lists further values of the field that the rule's "anything else" / "otherwise" clause
+covers, i.e. that the rule treats like the value it does not name (order_cancel names `pending`, so `delivered` is
+denied like `shipped`). They make the same-conclusion controls of scenarios.diverse (`same_conclusion`: a value
+change that keeps the action). Each is one word (no spaces or braces), different from both values and from each
+other, and the rule must name exactly one of its two values, once, and none of the other values (whole words):
+otherwise which action an other value gets is not what the file says.
 
 A file that breaks this schema raises `DomainError` naming the file, the key and the fix. Whether the two values
 tokenize alike is a property of each model's tokenizer: that is checked per model at render time
@@ -34,12 +42,17 @@ import yaml
 
 DOMAIN_DIR = Path(__file__).resolve().parent / "domains"
 FORMATS = ("key_value", "table", "json", "prose")
-_TOP = {"agent", "record", "field", "values", "answers", "rule", "rule_inverted", "requests"}
+_TOP = {"agent", "record", "field", "values", "answers", "rule", "rule_inverted", "other_values", "requests"}
 _RECORD = {"format", "header", "lines", "field_text"}
 
 
 class DomainError(ValueError):
     pass
+
+
+def word_count(text: str, word: str) -> int:
+    """How often `word` occurs in `text` as a whole word (the matching of Domain.rule_text: "no" is not in "not")."""
+    return len(re.findall(rf"\b{re.escape(word)}\b", text))
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,11 @@ class Domain:
     rule_inverted: str | None
     requests: tuple
     source: str           # the YAML file
+    other_values: tuple = ()   # values the rule's "anything else" clause covers (same-conclusion controls)
+
+    def rule_mentions(self) -> dict:
+        """{value: how often the (normal) rule names it as a whole word} for the two values and the other values."""
+        return {v: word_count(self.rule, v) for v in (self.allowed, self.disallowed, *self.other_values)}
 
     def rule_text(self, polarity: str = "normal") -> str:
         """The gate rule; "inverted" swaps the allowed and disallowed values (whole words only, so "no" does not
@@ -146,10 +164,30 @@ def parse_domain(key: str, doc, source: str = "<memory>") -> Domain:
     for text in [doc["rule"], inv or ""]:
         if "{" in text:
             fail("rules are plain text (no placeholders)")
+    others = doc.get("other_values")
+    if others is not None:
+        if not isinstance(others, list) or not others:
+            fail(f"other_values must be a non-empty list of words (or left out), got {others!r}")
+        for v in others:
+            if not isinstance(v, str) or not v or any(c.isspace() or c in "{}" for c in v):
+                fail(f"other_values: {v!r} is not one word (no spaces or braces)")
+        if vals["allowed"] in others or vals["disallowed"] in others or len(set(others)) != len(others):
+            fail(f"other_values {others} must differ from the two values ({vals['allowed']!r}, "
+                 f"{vals['disallowed']!r}) and from each other")
+        named = {v: word_count(doc["rule"], v) for v in (vals["allowed"], vals["disallowed"])}
+        if sorted(named.values()) != [0, 1]:
+            said = ", ".join(f"{v!r} {n}x" for v, n in named.items() if n) or "neither value"
+            fail(f"other_values needs a rule that names exactly one of its two values, once, and covers the rest "
+                 f"with an 'anything else' / 'otherwise' clause; this rule names {said}. Rewrite the rule that way or "
+                 f"remove other_values")
+        inside = [v for v in others if word_count(doc["rule"], v)]
+        if inside:
+            fail(f"other_values {inside} occur in the rule, so the rule does not treat them as 'anything else'; "
+                 f"choose values the rule does not name")
     return Domain(key=key, agent=doc["agent"], format=fmt, header=rec["header"], lines=tuple(lines),
                   field_text=field_text or "", field=doc["field"], allowed=vals["allowed"],
                   disallowed=vals["disallowed"], allow=ans["allow"], refuse=ans["refuse"], rule=doc["rule"],
-                  rule_inverted=inv, requests=tuple(reqs), source=source)
+                  rule_inverted=inv, requests=tuple(reqs), source=source, other_values=tuple(others or ()))
 
 
 def load_domains(dirs=None) -> dict:

@@ -2,10 +2,12 @@
 
 Every character of every message content carries the label of the piece the generator wrote there (role line, gate
 rule, neutral "filler" rules, record lines, the field's line, the changing value, tools, conversation, task; other
-gates' rules and fields when a policy has several gates); characters outside the message contents (chat markup,
-BOS, the forced suffix) are `template`. A token takes the label of the character it starts at (its first non-space
-character, so a leading-space token belongs to the word it carries); the token span that differs between the arms
-is `field` and the last prompt token is `decision`.
+gates' rules and fields when a policy has several gates; in a trigger pair, paper_spec §1.3 Family B, the rule's
+trigger word and the fixed field's line); characters outside the message contents (chat markup, BOS, the forced
+suffix) are `template`. A token takes the label of the character it starts at (its first non-space character, so a
+leading-space token belongs to the word it carries); the token span that differs between the arms is `field` (or
+`trigger` when the generator wrote the changing value as the rule's trigger word) and the last prompt token is
+`decision`.
 
 Labels are per token position (regions need not be contiguous: a record has lines before and after the field).
 Nothing is inferred from the text: an instance without generator spans, or spans that do not cover a message
@@ -18,7 +20,13 @@ or `downstream` (after it); chat markup and the forced suffix stay `template`.
 from __future__ import annotations
 
 LABELS = ("template", "role", "gate", "filler_rules", "record", "field_line", "field", "tools", "conversation",
-          "task", "decision", "other_gate", "other_field")
+          "task", "decision", "other_gate", "other_field", "trigger", "fixed_field")
+# Meanings: template = chat markup, BOS and forced suffix; role = the "You are ..." line; gate = the gating rule;
+# filler_rules = the "Policy:" header and neutral rules; record = record lines that no rule reads; field_line = the
+# line of the changing field value; field = the changing field value; tools / conversation / task = the tools block,
+# the request, the answer line; decision = the last prompt token; other_gate / other_field = the other gates' rules
+# and fields (n_gates > 1); trigger = the changing word inside the gate rule, the value it names (changes=trigger,
+# Family B); fixed_field = the gated field's line, value included, when its value is held fixed (changes=trigger).
 COARSE = ("prefix", "downstream")   # the fill of content a user's pair leaves unlabelled
 
 
@@ -102,6 +110,6 @@ def token_labels(pair, tokenizer, prepend_bos: bool) -> list[str]:
     if len(labels) != pair.length:
         raise ValueError(f"{inst.id}: {len(labels)} offsets for {pair.length} tokens; the tokenizer does not map "
                          "offsets one-to-one")
-    labels[a:b] = ["field"] * (b - a)
+    labels[a:b] = ["trigger" if "trigger" in labels[a:b] else "field"] * (b - a)
     labels[pair.dpos] = "decision"
     return labels
