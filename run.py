@@ -144,10 +144,11 @@ def scenario_defaults(family: str | None) -> dict:
 
 def comparable(conf: dict, probe: Probe) -> dict:
     """A config as a record's identity: without the volatile settings, with the probe's options as the current
-    contract reads them (defaults filled in; options it no longer has dropped, since nothing reads them), and the
+    contract reads them (defaults filled in; options it no longer has dropped, since nothing reads them), top-level
+    settings that are null left out (a setting added later, off by default, is absent from older records), and the
     scenario params with the generator's defaults filled in (a param added later with a default that keeps the
     prompts as they were, e.g. diverse's `changes: field`, does not make an older record another config)."""
-    out = {k: v for k, v in conf.items() if k not in VOLATILE}
+    out = {k: v for k, v in conf.items() if k not in VOLATILE and v is not None}   # absent = null (a newer setting)
     given = out.get("probe") or {}
     out["probe"] = {"name": given.get("name"), **probe.spec.options,
                     **{k: v for k, v in given.items() if k in probe.spec.options}}
@@ -217,6 +218,14 @@ def run(cfg: DictConfig) -> dict:
     except PairError as e:
         raise PairError(e.line, e.id, e.reason, f"{params.get('path')} (strict=true) ") from None
     instances, rejected = check_instances(probe, instances, rejected, lenient)
+    pairs_source, not_run = None, []
+    if conf.get("pairs_from"):
+        instances, pairs_source, not_run = pairs_from_record(conf, instances)
+        print(f"[kvnotes] pairs_from: {len(instances)} pairs included in {conf['pairs_from']}; "
+              f"{len(not_run)} left out")
+        if not instances:   # not an error: a sweep over map cells goes on to the next cell
+            print(f"[kvnotes] {conf['pairs_from']} included no pair: nothing to measure, no record written")
+            return {}
     spec = conf["model"]   # the composed model config: overrides and search-path configs included
     lm = load_model(spec, cfg.dtype, cache_dir)
     pairs, tokens, rejected = align_all(instances, lm.tokenizer, spec, rejected, lenient)
@@ -262,7 +271,8 @@ def run(cfg: DictConfig) -> dict:
         _report_rejected(rejected, len(instances) + len(rejected), params.get("path"))
     raws = {k: dict(v) for k, v in progress.done.items() if not k.endswith(SECOND) and k not in gone}
     seconds = {k: raws[k].pop("seconds", None) for k in raws}
-    readouts = probe.readouts(lm.tokenizer, instances, raws)
+    readouts = (readouts_from_record(pairs_source, instances) if pairs_source
+                else probe.readouts(lm.tokenizer, instances, raws))
     if probe.spec.second_pass:   # a pass that needs every pair's first pass and the readouts (e.g. rankings)
         plans = probe.plan_second(instances, tokens, raws, readouts, conf["exclusion"], options)
         todo = [p for p in pairs if p.instance.id + SECOND not in progress.done]
@@ -292,6 +302,10 @@ def run(cfg: DictConfig) -> dict:
     if family in scenarios.READ_FROM_FILE:   # every pair left out, with its line and reason
         record["rejected"] = [r.to_record() for r in rejected]
         record["summary"] = {**record["summary"], "n_rejected": len(rejected)}
+    if pairs_source:   # the pairs left out because the source record did not include them, each with the reason
+        record["pairs_from"] = {k: v for k, v in pairs_source.items() if k != "readout"}
+        record["not_run"] = not_run
+        record["summary"] = {**record["summary"], "n_not_run": len(not_run)}
     check_overwrite(path, conf, probe)   # again: a parallel sweep cell may have written this record meanwhile
     write_json_atomic(path, record)
     progress.finish()
@@ -324,6 +338,77 @@ def pin_scenario_file(conf: dict) -> None:
         raise ProbeConfigError(f"scenario.params.sha256={params['sha256']} but {params['path']} has sha256 {digest}; "
                                f"leave sha256 unset (the run fills it in) or restore the file")
     params["sha256"] = digest
+
+
+class PairsFromError(ProbeConfigError):
+    """pairs_from names a record that cannot select this run's pairs (missing, another model or scenario, another
+    inclusion rule)."""
+
+
+def pairs_from_record(conf: dict, instances: list) -> tuple[list, dict, list]:
+    """Keep only the gated pairs that the record `conf["pairs_from"]` included (its `instances` part), so that an
+    expensive probe (positions, topk) runs on the pairs a locality record found to flip, not on all of them.
+
+    The record must be of the same model, scenario (family, name, params with the generator's defaults filled in),
+    seed, n_instances and inclusion rule (`exclusion`): then its included pairs are exactly the ones this run's
+    inclusion rule would keep, since the stale and oracle states are the same computation; anything else raises
+    PairsFromError naming what differs. Returns (the kept instances, the source's summary for the record, the
+    left-out pairs as {id, reason}). The readouts are taken from the source too (`readouts_from_record`)."""
+    where = _abs(conf["pairs_from"])
+    if not where.is_file():
+        raise PairsFromError(f"pairs_from={conf['pairs_from']}: no such record ({where}); give the path of a record "
+                             f"of this model and scenario, e.g. results/locality/<model>/<scenario>[-<tag>].json")
+    try:
+        src = json.loads(where.read_text())
+        sconf = src["config"]
+        included = {r["id"] for r in src["instances"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PairsFromError(f"pairs_from={conf['pairs_from']}: not a readable record ({e})") from None
+    scen = lambda c: {**c["scenario"], "params": {**scenario_defaults(c["scenario"].get("family")),   # noqa: E731
+                                                  **c["scenario"]["params"]}}
+    differ = [f"{key}: {a!r} (record) vs {b!r} (this run)" for key, a, b in (
+        ("model", sconf["model"]["name"], conf["model"]["name"]), ("scenario", scen(sconf), scen(conf)),
+        ("seed", sconf.get("seed"), conf.get("seed")), ("n_instances", sconf.get("n_instances"), conf.get("n_instances")),
+        ("exclusion", sconf.get("exclusion"), conf.get("exclusion"))) if a != b]
+    if differ:
+        raise PairsFromError(f"pairs_from={conf['pairs_from']} was made with another config, so its included pairs "
+                             f"are not this run's: " + "; ".join(d if len(d) < 300 else d[:297] + "..." for d in differ)
+                             + ". Give a record of the same model, scenario, seed, n_instances and exclusion rule")
+    kept = [i for i in instances if i.id in included]
+    missing = sorted(included - {i.id for i in instances})
+    if missing:
+        raise PairsFromError(f"pairs_from={conf['pairs_from']}: the generator no longer makes {len(missing)} of its "
+                             f"included pairs ({missing[:5]}); the prompts changed since it was made")
+    left_out = [{"id": i.id, "reason": f"not included in {conf['pairs_from']} (pairs_from)"}
+                for i in instances if i.id not in included]
+    source = {"path": str(conf["pairs_from"]), "git_sha": (src.get("provenance") or {}).get("git_sha"),
+              "n_included": len(included), "n_gated": (src.get("summary") or {}).get("n_gated"),
+              "readout": src.get("readout")}
+    return kept, source, left_out
+
+
+def readouts_from_record(source: dict, instances: list) -> dict:
+    """The source record's readout for each readout group of `instances` (matched on the safe and unsafe words and
+    the set of action words), so that the margins are the ones the source's inclusion was decided on. Raises
+    PairsFromError for a group the source has no readout for."""
+    from kvnotes.readout import Readout
+    from probes.common import readout_key
+    out = {}
+    groups = (source.get("readout") or {}).get("per_group") or []
+    for inst in instances:
+        key = readout_key(inst)
+        if key in out:
+            continue
+        hit = [g for g in groups if g["safe"] == key[1] and g["unsafe"] == key[2]
+               and set(g["candidates"].values()) == set(key[0])]
+        if not hit:
+            raise PairsFromError(f"pairs_from={source['path']} has no readout for {key} (instance {inst.id})")
+        g = hit[0]
+        out[key] = Readout(g["safe"], g["unsafe"], int(g["safe_id"]), int(g["unsafe_id"]), g["safe_token"],
+                           g["unsafe_token"], {int(t): a for t, a in g["candidates"].items()},
+                           chosen_by=g["chosen_by"] if g["chosen_by"].endswith("(pairs_from)")
+                           else f"{g['chosen_by']}, in {source['path']} (pairs_from)")
+    return out
 
 
 def _listed(rejected: list, at_most: int = 8) -> str:
@@ -507,7 +592,11 @@ def reanalyse(conf: dict, probe: Probe, path: Path, cache_dir: Path | None) -> d
     except KeyError as e:
         raise ReanalysisError(f"{path}: its rows lack {e} (written before the probe kept it in its rows); re-run the "
                               f"probe: {_command(conf, 'overwrite=true')}") from None
-    readouts = probe.readouts(tok, instances, raws)
+    if record.get("pairs_from"):   # its margins were the source record's: keep them
+        readouts = readouts_from_record({"path": record["pairs_from"]["path"], "readout": record["readout"]},
+                                        instances)
+    else:
+        readouts = probe.readouts(tok, instances, raws)
     analysis = probe.analyse(instances, tokens, raws, readouts, used["exclusion"], used["stats"])
     new = {**record, "paper_refs": list(probe.spec.paper_refs), "config": used,
            "readout": _readout_block(readouts, used), **analysis}
@@ -557,7 +646,7 @@ def main(cfg: DictConfig) -> None:
     t0 = time.time()
     _check_mode()
     record = run(cfg)
-    if cfg.make_figures:
+    if cfg.make_figures and record:
         from figures import fig3, make_figures
         results = _abs(cfg.results_dir)
         # figures of the repository's results go to figures/; of any other results directory, next to it
