@@ -167,8 +167,15 @@ def regression(pairs: pd.DataFrame, which: str = "included") -> dict:
         return {"rows": which, "n": int(len(rows)), "G": G, "not_fitted": "fewer than 3 pairs or 2 domains"}
     ref = "rule_first" if "rule_first" in set(rows["layout"]) else sorted(set(rows["layout"]))[0]
     extra = " + C(K)" if rows["K"].nunique() > 1 else ""
-    tried = []
+    tried, seen = [], set()
     for name, formula in FORMULAS:
+        if rows["Q"].nunique() == 1:   # one question position in the data: Q is not a factor of the fit
+            formula = formula.replace(" * C(Q, Treatment('last'))", "").replace(
+                " + C(Q, Treatment('last')) * x", "").replace(" + C(Q, Treatment('last'))", "")
+            name = name.replace(" x Q", "").replace(" + Q x log1p(D)", "").replace(" + Q", "")
+        if formula in seen:
+            continue
+        seen.add(formula)
         formula = formula.replace("Treatment(ref)", f"Treatment('{ref}')") + extra
         model = smf.ols(formula, data=rows)
         p = model.exog.shape[1]
