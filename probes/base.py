@@ -51,7 +51,10 @@ class ProbeSpec:
     measure_options  the options measure() and measure_second() take as keyword arguments (the rest are read by
                      plan_second from the options dict, or are run.py's, like check_decode_instances).
     scenarios        the scenario families the probe can use, each with the scenario params it needs
-                     ({param: allowed values}); None: any family, no requirement.
+                     ({param: allowed values}), or with a tuple of such dicts when the probe can use any one of
+                     several designs of that family (e.g. decodability: polarity mixed, OR changes trigger); a
+                     param the scenario config leaves out reads as None, so list None among the allowed values
+                     where the generator's default will do. None: any family, no requirement.
     second_pass      the module defines plan_second and measure_second.
     reanalysable     the module defines raw_from_row: its record rows keep everything measure() returned.
     not_reanalysable what a record's rows lack for a re-analysis (required when not reanalysable).
@@ -62,7 +65,7 @@ class ProbeSpec:
     paper_refs: tuple[str, ...]
     options: Mapping[str, Any]
     measure_options: tuple[str, ...] = ("batch_size",)
-    scenarios: Mapping[str, Mapping[str, tuple]] | None = None
+    scenarios: Mapping[str, Mapping[str, tuple] | tuple[Mapping[str, tuple], ...]] | None = None
     second_pass: bool = False
     reanalysable: bool = False
     not_reanalysable: str = ""
@@ -78,13 +81,24 @@ class ProbeSpec:
                                      f"(not_reanalysable=...) or define raw_from_row (reanalysable=True)")
 
     def scenario_problems(self, family: str, params: Mapping[str, Any]) -> list[str]:
-        """Why this probe cannot run on a scenario of `family` with `params` (empty: it can)."""
+        """Why this probe cannot run on a scenario of `family` with `params` (empty: it can). With alternative
+        designs (a tuple of requirement dicts) the scenario must meet every requirement of at least one of them."""
         if self.scenarios is None:
             return []
         if family not in self.scenarios:
             return [f"it needs a scenario of family {' or '.join(map(repr, self.scenarios))}, not {family!r}"]
-        return [f"on family {family!r} it needs scenario.params.{key} in {list(allowed)}, not {params.get(key)!r}"
-                for key, allowed in self.scenarios[family].items() if params.get(key) not in allowed]
+        needs = self.scenarios[family]
+        designs = (needs,) if isinstance(needs, Mapping) else tuple(needs)
+        if any(all(params.get(key) in allowed for key, allowed in design.items()) for design in designs):
+            return []
+        if len(designs) == 1:
+            return [f"on family {family!r} it needs scenario.params.{key} in {list(allowed)}, not {params.get(key)!r}"
+                    for key, allowed in designs[0].items() if params.get(key) not in allowed]
+        keys = dict.fromkeys(key for design in designs for key in design)
+        return [f"on family {family!r} it needs one of {len(designs)} designs: "
+                + "; or ".join("(" + ", ".join(f"scenario.params.{key} in {list(allowed)}"
+                                               for key, allowed in design.items()) + ")" for design in designs)
+                + "; this scenario has " + ", ".join(f"{key}={params.get(key)!r}" for key in keys)]
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict:
         """The probe's options: the given ones (a configs/probe/<name>.yaml, `name` included) over the defaults."""

@@ -64,13 +64,31 @@ def role_keys(labels: list, positions: list) -> list[tuple]:
     return keys
 
 
-def _cf_order(down: list, labels: list, scores: dict, label_scores: dict) -> list:
+def cf_order(down: list, labels: list, scores: dict, label_scores: dict) -> list:
     keys = role_keys(labels, down)
     score = [scores.get(k, label_scores.get(k[0], 0.0)) for k in keys]
     return [p for _, _, p in sorted(zip(score, [-p for p in down], down), reverse=True)]
 
 
-def _draws(rng: random.Random, down: list, labels: list, top: list, n: int, matched: bool) -> list[tuple]:
+def cross_fitted_order(down: list, labels: list, material: dict, held_out) -> tuple[list | None, list]:
+    """`down` ranked by the mean score of each position's role key over the pairs of every domain but `held_out`
+    (material: {domain: [(role key, score), ...]}); a key unseen there takes its label's mean, then 0; ties go to the
+    later position (cf_order). Returns (order, the domains used), or (None, []) when no other domain has
+    material. The leave-one-domain-out ranking of topk's pass 2 and of the injection probe's dose (paper_spec §8 W8)."""
+    used = sorted(s for s in material if s != held_out and material[s])
+    if not used:
+        return None, []
+    by_key, by_label = {}, {}
+    for s in used:
+        for key, v in material[s]:
+            by_key.setdefault(key, []).append(v)
+            by_label.setdefault(key[0], []).append(v)
+    scores = {k: sum(v) / len(v) for k, v in by_key.items()}
+    label_scores = {k: sum(v) / len(v) for k, v in by_label.items()}
+    return cf_order(down, labels, scores, label_scores), used
+
+
+def random_draws(rng: random.Random, down: list, labels: list, top: list, n: int, matched: bool) -> list[tuple]:
     by_label = {}
     for p in down:
         by_label.setdefault(labels[p], []).append(p)
@@ -125,24 +143,17 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
             order_field = sorted(range(a, dpos), key=lambda p: (-rec[p], -p))
             plan["topk_in"] = {str(k): sorted(order_in[:k]) for k in plan["ks"]}
             plan["topk_field"] = {str(k): sorted(order_field[:k]) for k in KS}
-            others = [kv for s, lst in by_scenario.items() if s != inst.scenario for kv in lst]
-            if others:
-                sums, lab = {}, {}
-                for key, v in others:
-                    sums.setdefault(key, []).append(v)
-                    lab.setdefault(key[0], []).append(v)
-                scores = {k: sum(v) / len(v) for k, v in sums.items()}
-                label_scores = {k: sum(v) / len(v) for k, v in lab.items()}
-                order_cf = _cf_order(down, labels, scores, label_scores)
+            order_cf, used = cross_fitted_order(down, labels, by_scenario, inst.scenario)
+            if order_cf is not None:
                 plan["topk_cf"] = {str(k): sorted(order_cf[:k]) for k in plan["ks"]}
-                plan["cf_scenarios"] = sorted({s for s in by_scenario if s != inst.scenario})
+                plan["cf_scenarios"] = used
             if include[inst.id]:
                 rng = random.Random(f"topk-null:{seed}:{inst.id}")
                 # k >= n_down: the only draw is the whole downstream (the null meets the curve there)
-                plan["null_matched"] = {str(k): [list(d) for d in _draws(rng, down, labels, order_in[:k],
+                plan["null_matched"] = {str(k): [list(d) for d in random_draws(rng, down, labels, order_in[:k],
                                                                          n_null if k < n_down else 1, True)]
                                         for k in KS}
-                plan["null_uniform"] = {str(k): [list(d) for d in _draws(rng, down, labels, order_in[:k],
+                plan["null_uniform"] = {str(k): [list(d) for d in random_draws(rng, down, labels, order_in[:k],
                                                                          n_uniform if k < n_down else 1, False)]
                                         for k in KS}
         plans[inst.id] = plan

@@ -212,6 +212,17 @@ def _parse_family_c(d: _Doc) -> dict:
     return out
 
 
+def _close_frame(f: _Doc, fr: dict, out: dict, values: list, what: str) -> None:
+    """Check a frame's answers (distinct first characters, none of them one of the task's `values`), refuse keys
+    nothing read, and add the frame to `out`. Raises DataError naming the file and key."""
+    _first_chars(f, "answers", fr["answers"])
+    clash = sorted({w.lower() for w in fr["answers"]} & {w.lower() for w in values})
+    if clash:
+        f.fail("answers", f"{clash} are also {what} names; an answer must not be a {what} name")
+    f.done()
+    out["frames"].append(fr)
+
+
 def _parse_multihop(d: _Doc) -> dict:
     out = {"locations": d.words("locations", min_n=2), "order_id": _order_id(d), "frames": []}
     for f in d.subs("frames"):
@@ -222,12 +233,7 @@ def _parse_multihop(d: _Doc) -> dict:
               "entries": f.texts("entries", need=("location", "answer")),
               "questions": f.texts("questions", allow=("owner", "item")),
               "answers": f.words("answers", min_n=2)}
-        _first_chars(f, "answers", fr["answers"])
-        clash = sorted({w.lower() for w in fr["answers"]} & {w.lower() for w in out["locations"]})
-        if clash:
-            f.fail("answers", f"{clash} are also location names; an answer must not be a location")
-        f.done()
-        out["frames"].append(fr)
+        _close_frame(f, fr, out, out["locations"], "location")
     _common(d, out, [w for fr in out["frames"] for w in fr["answers"]] + list(out["locations"]))
     out["instructions"] = d.texts("instructions")
     return out
@@ -242,12 +248,7 @@ def _parse_rag(d: _Doc) -> dict:
               "duty": f.texts("duty", need=("name",), allow=("oid",), value="name"),
               "questions": f.texts("questions"), "instructions": f.texts("instructions"),
               "answers": f.words("answers", min_n=2)}
-        _first_chars(f, "answers", fr["answers"])
-        clash = sorted({w.lower() for w in fr["answers"]} & {w.lower() for w in out["names"]})
-        if clash:
-            f.fail("answers", f"{clash} are also person names; an answer must not be a name")
-        f.done()
-        out["frames"].append(fr)
+        _close_frame(f, fr, out, out["names"], "person")
     _common(d, out, [w for fr in out["frames"] for w in fr["answers"]] + list(out["names"]))
     return out
 

@@ -1,6 +1,7 @@
 """P8 decodability: the polarity option of the diverse family, the LOSO probes on synthetic data (planted signal,
-shuffled labels, no training on the held-out scenario, the logistic optimum), the anchor residuals against an
-independent forward, and the probe end to end on tiny-llama."""
+shuffled labels, no training on the held-out scenario, the logistic optimum), the pair-level permutation of
+pair-constant targets, the contract's two designs, the anchor residuals against an independent forward, and the probe
+end to end on tiny-llama (the trigger design, the logit lens and the commit depth: tests/test_deep_timing.py)."""
 import dataclasses
 import hashlib
 import json
@@ -202,6 +203,43 @@ def test_batched_newton_gives_the_one_problem_at_a_time_fit(single_thread):
             assert torch.allclose(batch[p, layer], one, rtol=0, atol=1e-8)
 
 
+def test_pair_constant_labels_are_permuted_pair_by_pair():
+    # a trigger pair's field value: both arms of a pair share the label; the null permutes whole pairs in a scenario
+    y = np.array([1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0])
+    groups = ["a"] * 8 + ["b"] * 4
+    pairs = ["a0", "a0", "a1", "a1", "a2", "a2", "a3", "a3", "b0", "b0", "b1", "b1"]
+    perm = dec.permute_within(y, groups, 200, 0, blocks=pairs)
+    assert perm.shape == (200, 12)
+    assert all(row[i] == row[i + 1] for row in perm for i in range(0, 12, 2))          # pairs stay whole
+    assert all(row[:8].sum() == 4 and row[8:].sum() == 2 for row in perm)              # within scenario
+    assert len({tuple(r) for r in perm}) > 1
+    assert not all(row[i] == row[i + 1] for row in dec.permute_within(y, groups, 200, 0) for i in range(0, 12, 2))
+    with pytest.raises(ValueError, match="share one label"):
+        dec.permute_within(np.array([1, 0, 1, 0]), list("aabb"), 5, 0, blocks=["p", "p", "q", "q"])
+    # its orbit is its own: one null sample does not serve a target permuted arm by arm
+    assert dec.permutation_orbit(y, groups, pairs) != dec.permutation_orbit(y, groups)
+    assert dec.permutation_orbit(y, groups, pairs) == dec.permutation_orbit(1 - y, groups, pairs)
+
+
+def test_the_contract_accepts_either_design_and_names_both_when_neither_is_met():
+    spec = dec.CONTRACT
+    assert spec.scenario_problems("diverse", {"polarity": "mixed"}) == []
+    assert spec.scenario_problems("diverse", {"polarity": "mixed", "changes": "field"}) == []
+    assert spec.scenario_problems("diverse", {"changes": "trigger"}) == []
+    assert spec.scenario_problems("diverse", {"changes": "trigger", "polarity": "normal"}) == []
+    for params in ({}, {"polarity": "normal"}, {"changes": "trigger", "polarity": "mixed"}):
+        (msg,) = spec.scenario_problems("diverse", params)
+        assert "one of 2 designs" in msg and "scenario.params.polarity in ['mixed']" in msg
+        assert "scenario.params.changes in ['trigger']" in msg
+    assert "family 'diverse'" in spec.scenario_problems("family_c", {})[0]
+    # a single-design contract reads as before
+    from probes.base import ProbeSpec
+    one = ProbeSpec(name="x", paper_refs=("x",), options={"batch_size": 1}, not_reanalysable="x",
+                    scenarios={"diverse": {"polarity": ("mixed",)}})
+    assert one.scenario_problems("diverse", {}) == [
+        "on family 'diverse' it needs scenario.params.polarity in ['mixed'], not None"]
+
+
 def test_null_layer_grid_is_fixed_by_the_depth_and_skips_the_embedding(monkeypatch):
     assert dec.null_layers(28, 7) == [4, 8, 12, 16, 20, 24, 28]
     assert dec.null_layers(2, 7) == [1, 2]
@@ -284,7 +322,7 @@ def test_end_to_end_record_on_tiny_llama(tmp_path, monkeypatch, single_thread):
                               "n_instances=4", *RELAXED))
     path = tmp_path / "decodability" / "tiny-llama" / "diverse_polarity.json"
     assert path.exists() and path.stat().st_size < 3e6
-    assert rec["paper_refs"] == ["P8", "§3.8", "§3.10"]
+    assert rec["paper_refs"] == ["P8", "§3.8", "§3.10", "§3.11"]
     for key in ("instances", "excluded", "controls", "aggregate", "sanity", "summary"):
         assert key in rec
     assert not {"b64", "residuals"} & _keys(json.loads(path.read_text()))    # no raw residual arrays in the record
@@ -325,6 +363,20 @@ def test_end_to_end_record_on_tiny_llama(tmp_path, monkeypatch, single_thread):
     # relaxed inclusion keeps the 20 inverted pairs: both arms of each have conclusion == field value
     assert agg["minority_arms"] == dec.minority_arms(rec["instances"])
     assert agg["minority_arms"]["n_arms"] == 40 and agg["minority_arms"]["n_pairs"] == 20
+    # the polarity design has no trigger target; its dissociation from the field value is measured on both halves
+    # (here balanced: the relation is a tie, so the disagreeing samples are the 40 normal-rule arms, c != value)
+    assert agg["design"] == "polarity" and agg["not_probed"] == {} and "trigger_depth" not in agg
+    for anchor in dec.ANCHORS:
+        d = agg["dissociation"][anchor]
+        assert list(d) == ["field_value"]
+        assert (d["field_value"]["n_samples"], d["field_value"]["n_agreeing"]) == (40, 40)
+        assert d["field_value"]["relation"].startswith("none")
+    # the commit depth: every included arm counted, on the hidden_states index write_depth uses
+    commit = agg["commit"]["included"]
+    assert commit["n_arms"] == 8 * N_DIVERSE == commit["n_committed"] + commit["n_never"]
+    assert set(agg["write_minus_commit"]) == set(dec.ANCHORS)
+    assert rec["sanity"]["lens_vs_logits_max_abs"] < 1e-4
+    assert all(len(r["lens_margin"]["old"]) == n_layers + 1 for r in rec["instances"])
 
 
 def test_confounded_targets_are_reported_as_such():

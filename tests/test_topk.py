@@ -89,9 +89,9 @@ def test_matched_draws_keep_the_label_mix_and_uniform_draws_do_not_need_to():
     down = list(range(18))
     top = [0, 1, 15, 16]                      # two of a, two of c
     rng = random.Random(0)
-    for d in topk._draws(rng, down, labels, top, 50, matched=True):
+    for d in topk.random_draws(rng, down, labels, top, 50, matched=True):
         assert sorted(labels[p] for p in d) == ["a", "a", "c", "c"] and len(set(d)) == 4
-    mixes = {tuple(sorted(labels[p] for p in d)) for d in topk._draws(rng, down, labels, top, 50, matched=False)}
+    mixes = {tuple(sorted(labels[p] for p in d)) for d in topk.random_draws(rng, down, labels, top, 50, matched=False)}
     assert len(mixes) > 1
 
 
