@@ -6,16 +6,31 @@ locally. Expensive objects (instances, aligned pairs, prefilled caches) are comp
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from kvnotes import kv
-from kvnotes.models import load_model
+from kvnotes.models import REPO_ROOT, load_model
 from scenarios import make_instances
 from scenarios.render import align
 
 TINY_MODELS = ["tiny-llama", "tiny-qwen2", "tiny-gemma3"]
+
+
+def run_py(*overrides: str, hydra_dir, multirun: bool = False, timeout: int = 900):
+    """`python run.py [-m] <overrides>` from the repository root in a subprocess, offline and on one thread, with
+    Hydra's output under `hydra_dir`; asserts it exits 0 (showing the end of stderr) and returns the finished
+    process. The end-to-end tests' one way of running the command line as a user would."""
+    cmd = [sys.executable, "run.py", *(["-m"] if multirun else []), *overrides,
+           f"hydra.{'sweep' if multirun else 'run'}.dir={hydra_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 commit layer (probes/decodability.py), the trigger-pair targets and the disagreeing samples, the layer sweep of the
 notes alone (probes/layers.py positions=downstream), and `run.py -m experiment=deep_d1` end to end on tiny-llama."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from probes import layers as layers_probe
 from probes import locality
 from scenarios import diverse, make_instances
 from test_run import _cfg
-from conftest import config_domains
+from conftest import config_domains, run_py
 
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
 TRIGGER_PARAMS = yaml.safe_load((REPO_ROOT / "configs" / "scenario" / "diverse_trigger.yaml").read_text())["params"]
@@ -291,12 +289,8 @@ def test_positions_all_leaves_the_layers_record_as_it_was(tmp_path, single_threa
 @pytest.fixture(scope="module")
 def deep_d1(tmp_path_factory):
     results = tmp_path_factory.mktemp("deep_d1")
-    cmd = [sys.executable, "run.py", "-m", "experiment=deep_d1", "model=tiny-llama", "n_instances=1",
-           f"results_dir={results}", "make_figures=false", "stats.n_boot=200", *RELAXED,
-           f"hydra.sweep.dir={results}/.hydra"]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_py("experiment=deep_d1", "model=tiny-llama", "n_instances=1", f"results_dir={results}", "make_figures=false",
+           "stats.n_boot=200", *RELAXED, hydra_dir=results / ".hydra", multirun=True)
     return {p: json.loads((results / p / "tiny-llama" / "diverse_trigger.json").read_text())
             for p in ("locality", "decodability")}
 

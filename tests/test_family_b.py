@@ -8,10 +8,7 @@ and test domains are written to a temp directory.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from scenarios import diverse
 from scenarios.domains import DOMAIN_DIR, DomainError, load_domains
 from scenarios.regions import char_labels, check_spans, token_labels
 from scenarios.render import align
+from conftest import run_py
 
 REPO = Path(__file__).resolve().parents[1]
 F_R = [name for name, order in diverse.LAYOUTS.items() if order == "F->R"]
@@ -317,13 +315,9 @@ def test_a_bad_other_values_entry_names_the_file_and_the_fault(tmp_path, extra, 
 # ------------------------------------------------------------------------------------------- end to end
 def test_run_py_lands_a_locality_record_of_trigger_pairs(tmp_path):
     out = tmp_path / "results"
-    cmd = [sys.executable, "run.py", "scenario=diverse_trigger", "model=tiny-llama", "n_instances=1",
-           f"results_dir={out}", "make_figures=false", "exclusion.require_flip=false",
-           "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0", "stats.n_boot=200",
-           f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_py("scenario=diverse_trigger", "model=tiny-llama", "n_instances=1", f"results_dir={out}",
+           "make_figures=false", "exclusion.require_flip=false", "exclusion.require_correct=false",
+           "exclusion.min_abs_delta_m=0.0", "stats.n_boot=200", hydra_dir=tmp_path / "hydra")
     rec = json.loads((out / "locality" / "tiny-llama" / "diverse_trigger.json").read_text())
     rows = rec["instances"] + rec["excluded"]
     assert sorted(r["scenario"] for r in rows) == sorted(diverse.trigger_domains())   # one pair per domain

@@ -5,11 +5,8 @@ and one run.py record each on the tiny model."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from scenarios import offtemplate
 from scenarios.offtemplate import DATA_DIR, DataError, gate_answer, load_task
 from scenarios.regions import LABELS, char_labels, check_spans
 from scenarios.render import align
+from conftest import run_py
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [("family_c", {"pair": p, "order": o}) for p in ("field", "trigger") for o in ("rule_first", "field_first")]
@@ -423,13 +421,9 @@ def test_the_shipped_task_files_load_and_the_registry_knows_both_families():
 @pytest.mark.parametrize("scenario", ("offtemplate_multihop", "family_c"))
 def test_run_py_lands_a_locality_record(tmp_path, scenario):
     out = tmp_path / "results"
-    cmd = [sys.executable, "run.py", f"scenario={scenario}", "model=tiny-llama", "n_instances=1",
-           f"results_dir={out}", "make_figures=false", "exclusion.require_flip=false",
-           "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0", "stats.n_boot=200",
-           f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_py(f"scenario={scenario}", "model=tiny-llama", "n_instances=1", f"results_dir={out}", "make_figures=false",
+           "exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0",
+           "stats.n_boot=200", hydra_dir=tmp_path / "hydra", timeout=600)
     rec = json.loads((out / "locality" / "tiny-llama" / f"{scenario}.json").read_text())
     cfg = yaml.safe_load((REPO / "configs" / "scenario" / f"{scenario}.yaml").read_text())
     expected = make(cfg["family"], n=1, **cfg["params"])

@@ -2,15 +2,13 @@
 tiny model lands one record per cell, and the analysis reads them back (cells, regression, boundary, table, figure);
 the regression recovers a known structure from synthetic pairs."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from figures import regime_map as rm
-from kvnotes.models import REPO_ROOT
+from conftest import run_py
 
 DOMAINS = "[order_cancel,account_delete,password_reset,loyalty_discount,item_return,plan_upgrade,data_export," \
           "card_replace,class_booking,rx_refill]"
@@ -19,15 +17,12 @@ DOMAINS = "[order_cancel,account_delete,password_reset,loyalty_discount,item_ret
 @pytest.fixture(scope="module")
 def mini_map(tmp_path_factory):
     results = tmp_path_factory.mktemp("map")
-    cmd = [sys.executable, "run.py", "-m", "experiment=regime_map", "model=tiny-llama", "n_instances=1",
-           f"results_dir={results}", "make_figures=false", "stats.n_boot=200",
+    run_py("experiment=regime_map", "model=tiny-llama", "n_instances=1", f"results_dir={results}",
+           "make_figures=false", "stats.n_boot=200",
            "exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0",
            f"scenario.params.domains={DOMAINS}", "scenario.params.layout=rule_first,field_first_user",
            "scenario.params.n_filler=0,4", "scenario.params.question=last,first",
-           f"hydra.sweep.dir={results}/.hydra"]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+           hydra_dir=results / ".hydra", multirun=True)
     return results
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from scenarios.base import Text
 from scenarios.domains import DOMAIN_DIR, DomainError, load_domains
 from scenarios.regions import LABELS, char_labels, check_spans
 from scenarios.render import AlignmentError, align
+from conftest import run_py
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL = ["order_cancel", "account_delete", "password_reset", "loyalty_discount", "item_return", "plan_upgrade",
@@ -352,11 +351,9 @@ def test_a_new_domain_runs_through_run_py_with_no_other_change(tmp_path):
     dom.mkdir()
     _write_domain(dom, "garage_permit")
     out = tmp_path / "results"
-    cmd = [sys.executable, "run.py", "model=tiny-llama", "scenario=diverse_all", "n_instances=2",
+    run_py("model=tiny-llama", "scenario=diverse_all", "n_instances=2",
            f"scenario.params.domain_dirs=[{DOMAIN_DIR},{dom}]", "scenario.params.domains=[garage_permit]",
-           f"results_dir={out}", "make_figures=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+           f"results_dir={out}", "make_figures=false", hydra_dir=tmp_path / "hydra", timeout=600)
     rec = json.loads((out / "locality" / "tiny-llama" / "diverse_all.json").read_text())
     assert {r["scenario"] for r in rec["instances"] + rec["excluded"]} == {"garage_permit"}
 
