@@ -14,8 +14,10 @@ from the per-pair frame); field-only, field+newline, downstream-only, K-only, V-
 and on every gated pair with |delta m| >= 0.5 (the record's step-4 aggregates); the field-only new-decision rate.
 
 The regression: per-pair field-only recovery on O x log(1 + D) x Q (+ K when it varies), ordinary least squares
-(statsmodels formula API) with cluster-robust standard errors by domain (CR1, statsmodels' small-sample factor
-G/(G-1) (N-1)/(N-p)) and t on G - 1 degrees of freedom: a library estimator, not a hand-written one. Fitted on the
+(statsmodels formula API builds the design) with CR2 cluster-robust standard errors by domain and t on each
+coefficient's (and each fitted cell mean's) own Imbens-Kolesar df, kvnotes.stats.cluster_robust_ols: a cell that
+rests on two or three domains gets few df and a wide interval, where statsmodels' CR1 with G - 1 df (kept beside it
+as se_cr1) gave a D = 48 cell of 2 pairs a CI 0.003 wide. Fitted on the
 included pairs and, separately, on every gated pair with |delta m| >= 0.5. A cell without pairs leaves its
 interaction unidentified: the fit then drops to the largest nested model whose design has full rank, and says so.
 The boundary: per (O, Q, K), the predicted field-only recovery with its CI at each measured D, the smallest D where
@@ -45,7 +47,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from figures.make_figures import DEFAULT_OUT, DEFAULT_RESULTS, INK, STYLE, WONG, write_table  # noqa: E402
 from kvnotes.records import (RecordError, find_records, load_aggregates, load_frame, read_record,  # noqa: E402
                              split_record_name, write_json_atomic)
-from kvnotes.stats import summarize_proportion  # noqa: E402
+from kvnotes.stats import cluster_robust_ols, summarize_proportion  # noqa: E402
 
 BOUNDARY = 0.2           # "field-only below 0.2": the issue's threshold for "the notes carry the decision"
 RELAXED = "abs_delta_m_ge_0.5"
@@ -154,15 +156,17 @@ FORMULAS = (  # from the full model down: the first whose design has full rank i
 
 
 def regression(pairs: pd.DataFrame, which: str = "included") -> dict:
-    """Field-only recovery on O x log(1 + D) x Q (+ K) with domain-clustered CR1 errors and t on G - 1 df.
-    which: "included" (the inclusion rule) or RELAXED (every gated pair with |delta m| >= 0.5). Returns the
-    model fitted, its formula, n, G, and per coefficient estimate / se / t / p / ci; or a `not_fitted` reason."""
+    """Field-only recovery on O x log(1 + D) x Q (+ K) with CR2 errors clustered by domain and t on each
+    coefficient's Imbens-Kolesar df (kvnotes.stats.cluster_robust_ols; statsmodels builds the design and gives the
+    CR1 SE kept beside it for comparison). which: "included" (the inclusion rule) or RELAXED (every gated pair with
+    |delta m| >= 0.5). Returns the model fitted, its formula, n, G, and per coefficient estimate / se / df / t / p /
+    ci / se_cr1; or a `not_fitted` reason."""
     import statsmodels.formula.api as smf
 
     rows = pairs[pairs["status"] == "included"] if which == "included" else pairs[pairs["delta_m"].abs() >= 0.5]
     rows = rows.dropna(subset=["field_only"]).assign(y=lambda r: r["field_only"], x=lambda r: np.log1p(r["D"]))
-    groups = rows["domain"].astype("category").cat.codes.to_numpy()
-    G = len(set(groups))
+    domains = rows["domain"].astype(str).tolist()
+    G = len(set(domains))
     if len(rows) < 3 or G < 2:
         return {"rows": which, "n": int(len(rows)), "G": G, "not_fitted": "fewer than 3 pairs or 2 domains"}
     ref = "rule_first" if "rule_first" in set(rows["layout"]) else sorted(set(rows["layout"]))[0]
@@ -182,31 +186,35 @@ def regression(pairs: pd.DataFrame, which: str = "included") -> dict:
         if np.linalg.matrix_rank(model.exog) < p or p >= G:
             tried.append(f"{name}: {'rank-deficient design' if p < G else f'{p} coefficients >= {G} domains'}")
             continue
-        fit = model.fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
-        ci = fit.conf_int(alpha=0.05)
-        coefs = {k: {"estimate": float(fit.params[k]), "se": float(fit.bse[k]), "t": float(fit.tvalues[k]),
-                     "p": float(fit.pvalues[k]), "ci": [float(ci.loc[k, 0]), float(ci.loc[k, 1])]}
-                 for k in fit.params.index}
+        fit = cluster_robust_ols(model.exog, rows["y"].to_numpy(), domains)
+        coefs = {k: {key: fit[key][j] for key in ("se", "df", "t", "p", "ci", "se_cr1")}
+                 | {"estimate": fit["params"][j]} for j, k in enumerate(model.exog_names)}
         return {"rows": which, "model": name, "formula": formula, "reference_layout": ref, "n": int(len(rows)),
-                "G": G, "df_t": int(fit.df_resid_inference) if hasattr(fit, "df_resid_inference") else G - 1,
-                "se_method": "CR1 clustered by domain (statsmodels, small-sample factor), t on G - 1 df",
-                "coefficients": coefs, "not_identified": tried, "_fit": fit}
+                "G": G, "se_method": fit["method"] + "; se_cr1: statsmodels' CR1 (comparison only)",
+                "coefficients": coefs, "not_identified": tried,
+                "_design": (model, rows["y"].to_numpy(), domains)}
     return {"rows": which, "n": int(len(rows)), "G": G, "not_fitted": "; ".join(tried)}
 
 
 def boundary(reg: dict, pairs: pd.DataFrame, threshold: float = BOUNDARY) -> list[dict]:
-    """Per (layout, Q, K) of the data: the fitted field-only recovery with its 95 % CI at each measured D, the
-    smallest measured D whose prediction is below `threshold`, and the smallest whose CI lies wholly below it."""
-    fit = reg.get("_fit")
-    if fit is None:
+    """Per (layout, Q, K) of the data: the fitted field-only recovery with its 95 % CI (CR2, t on the fitted value's
+    own Imbens-Kolesar df, so a cell resting on few domains gets a wide interval) at each measured D, the smallest
+    measured D whose prediction is below `threshold`, and the smallest whose CI lies wholly below it."""
+    if "_design" not in reg:
         return []
+    model, y, domains = reg["_design"]
+    spec = model.data.model_spec
     out = []
     ds = sorted(set(pairs["D"]))
     for (layout, q, k), _ in pairs.groupby(["layout", "Q", "K"]):
-        grid = pd.DataFrame({"layout": layout, "Q": q, "K": k, "D": ds, "x": np.log1p(ds)})
-        pred = fit.get_prediction(grid).summary_frame(alpha=0.05)
-        points = [{"D": int(d), "fitted": float(m), "ci": [float(lo), float(hi)]}
-                  for d, m, lo, hi in zip(ds, pred["mean"], pred["mean_ci_lower"], pred["mean_ci_upper"])]
+        grid = pd.DataFrame({"layout": layout, "Q": q, "K": k, "D": ds, "x": np.log1p(ds), "y": 0.0})
+        if hasattr(spec, "get_model_matrix"):   # statsmodels' formula engine: formulaic ...
+            rows = np.asarray(spec.get_model_matrix(grid))
+        else:                                   # ... or patsy (its DesignInfo)
+            import patsy
+            rows = np.asarray(patsy.build_design_matrices([spec], grid)[0])
+        pred = cluster_robust_ols(model.exog, y, domains, contrasts=rows)["contrasts"]
+        points = [{"D": int(d), "fitted": c["estimate"], "ci": c["ci"], "df": c["df"]} for d, c in zip(ds, pred)]
         below = [p["D"] for p in points if p["fitted"] < threshold]
         surely = [p["D"] for p in points if p["ci"][1] < threshold]
         out.append({"layout": layout, "Q": q, "K": int(k), "threshold": threshold, "points": points,

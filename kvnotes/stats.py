@@ -23,7 +23,8 @@ What comes from libraries and what is hand-written:
   CR1 with G-1 df, which under-covers here; see ``_cluster_core``), the
   design-effect Wilson interval for clustered proportions, the two-stage
   (scenario, then pair) cluster bootstrap kept for comparison, and the
-  per-pair random-draw null of an across-pair mean. ``wilson()`` also stays
+  per-pair random-draw null of an across-pair mean, and the same CR2 / IK df
+  for a linear regression's coefficients and contrasts (``cluster_robust_ols``). ``wilson()`` also stays
   hand-written (tests pin it; it is cross-checked against statsmodels).
 
 All returned numbers are plain Python floats/ints (or None) so that summaries
@@ -53,6 +54,7 @@ __all__ = [
     "summarize_proportion",
     "null_of_mean",
     "mcnemar_exact",
+    "cluster_robust_ols",
     "pearson",
     "spearman",
     "coverage_simulation",
@@ -278,7 +280,20 @@ def _cluster_core(sizes: np.ndarray, sums: np.ndarray, ssw: np.ndarray) -> dict:
     var_cr2 = (resid * resid / (1.0 - lev)).sum(axis=1) / (total * total)
     var_cr1 = (resid * resid).sum(axis=1) / (total * total) * g / (g - 1)
 
-    # One-way ANOVA estimate of the intra-scenario correlation (unequal sizes).
+    icc = _anova_icc(sizes, sums, ssw)
+    s2 = 1.0 / (1.0 - lev)
+    df = _ik_df(sizes, total, s2, icc)
+    df_bm = _ik_df(sizes, total, s2, np.zeros_like(icc))  # Bell-McCaffrey: Omega = I (rho = 0)
+    return {"mean": mean, "var_cr2": var_cr2, "var_cr1": var_cr1, "df": df, "df_bm": df_bm, "icc": icc}
+
+
+def _anova_icc(sizes: np.ndarray, sums: np.ndarray, ssw: np.ndarray) -> np.ndarray:
+    """One-way ANOVA intra-scenario correlation (unequal sizes), clipped to [0, 1]; (R, G) inputs, (R,) out.
+
+    0 when every scenario has one pair (then P is idempotent and rho drops out of the IK df)."""
+    g = sizes.shape[1]
+    total = sizes.sum(axis=1)
+    mean = sums.sum(axis=1) / total
     cmeans = sums / sizes
     msb = (sizes * (cmeans - mean[:, None]) ** 2).sum(axis=1) / (g - 1)
     has_within = total > g
@@ -287,13 +302,7 @@ def _cluster_core(sizes: np.ndarray, sums: np.ndarray, ssw: np.ndarray) -> dict:
     sb2 = np.maximum((msb - msw) / n0, 0.0)
     tot_var = sb2 + msw
     icc = np.where(tot_var > 0, sb2 / np.where(tot_var > 0, tot_var, 1.0), 0.0)
-    # All scenarios of size 1: P is idempotent and rho drops out of the df.
-    icc = np.where(has_within, np.clip(icc, 0.0, 1.0), 0.0)
-
-    s2 = 1.0 / (1.0 - lev)
-    df = _ik_df(sizes, total, s2, icc)
-    df_bm = _ik_df(sizes, total, s2, np.zeros_like(icc))  # Bell-McCaffrey: Omega = I (rho = 0)
-    return {"mean": mean, "var_cr2": var_cr2, "var_cr1": var_cr1, "df": df, "df_bm": df_bm, "icc": icc}
+    return np.where(has_within, np.clip(icc, 0.0, 1.0), 0.0)
 
 
 def _ik_df(sizes: np.ndarray, total: np.ndarray, s2: np.ndarray, rho: np.ndarray) -> np.ndarray:
@@ -747,6 +756,116 @@ def null_of_mean(
         count = int(np.count_nonzero(means >= m - tol))
         out[f"{name}_mean"] = m
         out[f"p_{name}_ge_null"] = (count + 1) / (n_means + 1)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Cluster-robust linear regression (CR2 + Imbens-Kolesar df per contrast)
+# --------------------------------------------------------------------------
+
+
+def cluster_robust_ols(X: Any, y: Any, clusters: Iterable[Hashable], contrasts: Any = None,
+                       alpha: float = 0.05) -> dict:
+    """OLS with CR2 (Bell-McCaffrey) cluster-robust errors and Imbens-Kolesar t df for every contrast (§2; §8 W2).
+
+    The regression analogue of ``summarize``'s pooled-mean interval, used by the step-5 regime map
+    (figures/regime_map.py): a coefficient or a fitted cell mean that rests on two or three scenarios gets few
+    degrees of freedom and a wide interval, where CR1 with G - 1 df (statsmodels' ``cov_type="cluster"``) would
+    use the df of the whole fit and under-cover.
+
+    Inputs: ``X`` (N, p) design with full column rank; ``y`` (N,) finite outcomes (e.g. field-only recovery,
+    unitless); ``clusters`` N hashable scenario labels, at least 2 distinct; ``contrasts`` None or a (k, p)
+    array of linear combinations c (a design row gives a fitted value); ``alpha`` the two-sided level.
+
+    Method (Bell & McCaffrey 2002; Imbens & Kolesar 2016; Pustejovsky & Tipton 2018): with M = (X'X)^-1,
+    H = X M X' and A_g = (I - H_gg)^(-1/2) (a generalised inverse square root when a scenario determines its own
+    fit, eigenvalues of I - H_gg below 1e-10 set to 0), V_CR2 = M (sum_g X_g' A_g e_g e_g' A_g X_g) M. For a
+    contrast c the t df is (tr B)^2 / tr(B^2), B = W' Omega W, W's column g = (I - H)[:, g] A_g X_g M c, under the
+    random-effects working model Omega = (1 - rho) I + rho U U' (rho: one-way ANOVA intra-scenario correlation of
+    the OLS residuals, clipped to [0, 1]); ``df_bm`` is the Bell-McCaffrey df (rho = 0). With a constant-only
+    design this is exactly ``summarize``'s CR2 SE and IK df (tests/test_stats.py checks it).
+
+    Hand-written because statsmodels 0.15 offers only CR0/CR1 with G - 1 df and no library in the pinned set
+    implements CR2 or per-contrast IK df. Dense N x N algebra: meant for N up to a few thousand pairs.
+
+    Returns plain floats: ``params``, ``se``, ``df``, ``df_bm``, ``t``, ``p``, ``ci`` (lists over the p columns),
+    ``se_cr1`` (statsmodels' CR1 scaling G/(G-1) (N-1)/(N-p), for comparison), ``n``, ``n_clusters``, ``icc``,
+    ``method``; with contrasts, ``contrasts``: a list of {estimate, se, df, ci}.
+    Raises ValueError: shape mismatch, non-finite values, fewer than 2 clusters, a rank-deficient X.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"cluster_robust_ols: X must be (N, p) and y (N,); got X {X.shape}, y {y.shape}")
+    if not (np.isfinite(X).all() and np.isfinite(y).all()):
+        raise ValueError("cluster_robust_ols: X and y must be finite (drop or impute missing rows first)")
+    n, p = X.shape
+    labels = _check_clusters(clusters, n)
+    codes, uniq = _encode(labels)
+    g_count = len(uniq)
+    if g_count < 2:
+        raise ValueError(f"cluster_robust_ols: needs at least 2 clusters, got {g_count}")
+    if np.linalg.matrix_rank(X) < p:
+        raise ValueError(f"cluster_robust_ols: X (N={n}, p={p}) is rank-deficient; drop a column or an interaction "
+                         "that no data identify")
+    alpha = _check_alpha(alpha)
+    M = np.linalg.inv(X.T @ X)
+    beta = M @ (X.T @ y)
+    e = y - X @ beta
+    H = X @ M @ X.T
+    I_H = np.eye(n) - H
+    idx = [np.flatnonzero(codes == g) for g in range(g_count)]
+    A = []
+    for ix in idx:
+        w, Q = np.linalg.eigh(np.eye(len(ix)) - H[np.ix_(ix, ix)])
+        inv_sqrt = np.where(w > 1e-10, 1.0 / np.sqrt(np.clip(w, 1e-10, None)), 0.0)
+        A.append((Q * inv_sqrt) @ Q.T)
+    scores = np.stack([X[ix].T @ (a @ e[ix]) for ix, a in zip(idx, A)])          # (G, p)
+    raw = np.stack([X[ix].T @ e[ix] for ix in idx])
+    V = M @ (scores.T @ scores) @ M
+    V1 = M @ (raw.T @ raw) @ M * (g_count / (g_count - 1)) * ((n - 1) / (n - p))
+    sizes = np.array([[len(ix) for ix in idx]], dtype=np.float64)
+    sums = np.array([[e[ix].sum() for ix in idx]])
+    ssw = np.array([sum(float(((e[ix] - e[ix].mean()) ** 2).sum()) for ix in idx)])
+    rho = float(_anova_icc(sizes, sums, ssw)[0])
+    U = np.zeros((n, g_count))
+    U[np.arange(n), codes] = 1.0
+
+    def df_of(c: np.ndarray) -> tuple[float, float]:
+        W = np.empty((n, g_count))
+        mc = M @ c
+        for g, (ix, a) in enumerate(zip(idx, A)):
+            W[:, g] = I_H[:, ix] @ (a @ (X[ix] @ mc))
+        B0 = W.T @ W
+        UW = U.T @ W
+        out = []
+        for r in (rho, 0.0):
+            B = (1.0 - r) * B0 + r * (UW.T @ UW)
+            tr2 = float(np.sum(B * B))
+            out.append(float(np.trace(B) ** 2 / tr2) if tr2 > 0 else float("nan"))
+        return out[0], out[1]
+
+    def infer(c: np.ndarray) -> dict:
+        est = float(c @ beta)
+        se = float(np.sqrt(max(c @ V @ c, 0.0)))
+        df, df_bm = df_of(c)
+        q = float(_sps.t.ppf(1.0 - alpha / 2.0, df)) if np.isfinite(df) else float("nan")
+        tval = est / se if se > 0 else float("nan")
+        pval = float(2.0 * _sps.t.sf(abs(tval), df)) if np.isfinite(tval) and np.isfinite(df) else None
+        return {"estimate": est, "se": se, "df": df, "df_bm": df_bm, "t": tval, "p": pval,
+                "ci": [est - q * se, est + q * se], "se_cr1": float(np.sqrt(max(c @ V1 @ c, 0.0)))}
+
+    cols = [infer(np.eye(p)[j]) for j in range(p)]
+    out = {key: [c[key] for c in cols] for key in ("se", "df", "df_bm", "t", "p", "ci", "se_cr1")}
+    out.update(params=[float(b) for b in beta], n=int(n), n_clusters=int(g_count), icc=rho,
+               method=(f"OLS; CR2 (Bell-McCaffrey) cluster-robust SE by scenario, Student t on the Imbens-Kolesar "
+                       f"df of each contrast (random-effects working model, ICC={rho:.2f}); G={g_count}, "
+                       f"{_level(alpha)} two-sided"))
+    if contrasts is not None:
+        C = np.atleast_2d(np.asarray(contrasts, dtype=np.float64))
+        if C.shape[1] != p:
+            raise ValueError(f"cluster_robust_ols: contrasts must have {p} columns, got {C.shape[1]}")
+        out["contrasts"] = [infer(c) for c in C]
     return out
 
 

@@ -86,6 +86,27 @@ def test_the_regression_recovers_a_known_structure():
     assert b[("rule_first", "last")]["first_D_fitted_below"] is None
 
 
+def test_a_cell_resting_on_two_domains_gets_few_df():
+    """The map's sparse D = 48 cells: a fitted cell mean that rests on 2 domains is tested on its own
+    Imbens-Kolesar df (about 1-2), not on the fit's G - 1; a dense cell keeps many df."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for g in range(20):
+        u = rng.normal(0, 0.1)
+        for layout in ("rule_first", "field_first_user"):
+            for d in (0, 48):
+                if layout == "field_first_user" and d == 48 and g >= 2:
+                    continue   # only domains d0 and d1 flip there
+                rows.append({"domain": f"d{g}", "layout": layout, "D": d, "Q": "last", "K": 1, "status": "included",
+                             "delta_m": 2.0, "field_only": 0.4 + u + rng.normal(0, 0.1)})
+    pairs = pd.DataFrame(rows)
+    reg = rm.regression(pairs)
+    pts = {(b["layout"], p["D"]): p for b in rm.boundary(reg, pairs) for p in b["points"]}
+    assert pts[("field_first_user", 48)]["df"] < 3 < 10 < pts[("rule_first", 0)]["df"]
+    slope = reg["coefficients"]["C(layout, Treatment('rule_first'))[T.field_first_user]:x"]
+    assert slope["df"] < 3 and slope["se_cr1"] > 0
+
+
 def test_too_few_domains_is_said_not_fitted():
     pairs = pd.DataFrame({"domain": ["a", "a", "b"], "layout": "rule_first", "D": [0, 4, 0], "Q": "last", "K": 1,
                           "status": "included", "delta_m": 2.0, "field_only": [0.1, 0.2, 0.3]})
