@@ -131,6 +131,12 @@ BLOCKS: dict[str, dict] = {
         "command": "python run.py -m experiment=regime_pilot; python -m figures.regime_map --pilot",
         "columns": ("order", "layout"),
     },
+    "regime-map-qwen2.5-coder-1.5b": {
+        "shows": "step 5 map: per cell (order/layout x D, question last, one gate), flips and recoveries on the 1.5B",
+        "kind": "regime", "file": "regime_map/diverse_all-map.json", "model": "qwen2.5-coder-1.5b",
+        "command": "python run.py -m experiment=regime_map; python -m figures.regime_map",
+        "where": {"K": 1, "Q": "last"}, "columns": ("order", "layout", "D"),
+    },
     "locality-qwen2.5-coder-0.5b-diverse": {
         "shows": "Fig. 3a numbers on the 0.5B, diverse",
         "records": [("locality", "qwen2.5-coder-0.5b", "diverse")],
