@@ -171,6 +171,7 @@ FIG3A_METRICS = [
 # Panel titles of the scenarios named so far; any other scenario is titled by its name.
 PANEL_TITLES = {
     "diverse": "one-word gated decisions",
+    "diverse_all": "every domain file",
     "family_a": "Family A tool-call template",
 }
 FIG3A_SCENARIOS = ["diverse", "family_a"]   # the default panels, left to right; models come from the first
@@ -180,9 +181,25 @@ EXPERIMENT = "locality"
 PRIMARY_SCENARIO = FIG3A_SCENARIOS[0]
 
 
-def panel_title(i: int, scenario: str, tag: str | None = None) -> str:
+ORDER_WORDS = {"R->F": "rule before field (R→F)", "F->R": "field before rule (F→R)"}
+
+
+def panel_title(i: int, scenario: str, tag: str | None = None, orders: set | None = None) -> str:
+    """'(a) <scenario title>[, <rule order>] [<tag>]': the rule order is said when every record of the panel has the
+    same one (read from each record's own layout, see `record_order`)."""
     title = f"({chr(97 + i)}) {PANEL_TITLES.get(scenario, scenario)}"
+    if orders and len(orders) == 1:
+        title += f", {ORDER_WORDS[next(iter(orders))]}"
     return f"{title} [{tag}]" if tag else title
+
+
+def record_order(rec: dict) -> str | None:
+    """The rule order (R->F / F->R) of a one-word-family record, from its config's layout; None for other families."""
+    from scenarios.diverse import LAYOUTS
+    scen = (rec.get("config") or {}).get("scenario") or rec.get("scenario") or {}
+    if scen.get("family") != "diverse":
+        return None
+    return LAYOUTS.get((scen.get("params") or {}).get("layout", "rule_first"))
 
 
 def fig3a_stem(scenarios: list[str], tag: str | None = None) -> str:
@@ -254,7 +271,7 @@ def load_locality_record(path: Path, metrics=FIG3A_METRICS) -> dict:
         mean, lo, hi, n = (_none(agg.at[key, col]) for col in agg.columns)   # cell by cell: n stays an int
         out[key] = ({"mean": None, "lo": None, "hi": None, "n": 0} if n == 0
                     else {"mean": float(mean), "lo": lo, "hi": hi, "n": n})
-    return {"path": path, "n_included": n_included, "n_gated": n_gated, "metrics": out}
+    return {"path": path, "n_included": n_included, "n_gated": n_gated, "metrics": out, "order": record_order(rec)}
 
 
 def models_with_record(results_dir: Path, probe: str, scenario: str, tag: str | None = None) -> list[str]:
@@ -369,7 +386,8 @@ def build_fig3a(records: dict[str, dict[str, dict | None]], models: list[str], s
     fig.get_layout_engine().set(w_pad=0.05, h_pad=0.04)
     axes = fig.subplots(1, len(scenarios), sharey=True, squeeze=False)[0]
     for i, (ax, scenario) in enumerate(zip(axes, scenarios)):
-        ax.set_title(panel_title(i, scenario, tag), loc="left", fontsize=8.5)
+        orders = {r.get("order") for r in records[scenario].values() if r} - {None}
+        ax.set_title(panel_title(i, scenario, tag, orders), loc="left", fontsize=8.5)
         draw_locality_panel(ax, records[scenario], models, y_range)
     axes[0].set_ylabel("decision recovery")
     locality_legend(fig)

@@ -155,6 +155,13 @@ BLOCKS: dict[str, dict] = {
                                                           "smollm2-135m")],
         "rows": [("flip_rate", "", "decision flips"), ("inclusion_rate", "", "gated pairs included")],
     },
+    "locality-qwen2.5-coder-1.5b-family_a_one_word": {
+        "shows": "Family A asking for one action word (step 5): flips, inclusion and the margin's movement, 1.5B",
+        "records": [("locality", "qwen2.5-coder-1.5b", "family_a_one_word")],
+        "rows": [("flip_rate", "", "decision flips"), ("inclusion_rate", "", "gated pairs included"),
+                 ("gated_abs_delta_m", "", "\\|Δm\\| on gated pairs (logits)"),
+                 ("control_abs_delta_m", "", "\\|Δm\\| on control pairs (logits)")],
+    },
     "topk-qwen2.5-coder-1.5b-diverse": {
         "shows": "Fig. 3b on the 1.5B: top-1/4/8 recovery ranked in-sample and cross-fitted; matched and uniform "
                  "random-8 nulls",

@@ -250,3 +250,23 @@ def test_registered_models_left_out_are_named_with_their_command(tmp_path, capsy
     for m in registered[1:]:
         assert f"python run.py probe=locality model={m} scenario=diverse" in printed
     assert f"model={shown} scenario=diverse" not in printed
+
+
+def test_panel_titles_say_the_rule_order_the_records_were_made_in(tmp_path):
+    """The one-word family's panel says R->F or F->R from its records' own layout; mixed orders or another family
+    say none (a tagged F->R run of diverse_all must not be titled 'rule before field')."""
+    results = tmp_path / "results"
+    ff = write_record(results, "model-a", "diverse_all", tag="f_r")
+    rec = json.loads(ff.read_text())
+    rec["config"]["scenario"] = {"name": "diverse_all", "family": "diverse", "params": {"layout": "field_first_user"}}
+    ff.write_text(json.dumps(rec))
+    _, records = mf.load_fig3a_records(results, scenarios=["diverse_all"], tag="f_r")
+    fig = mf.build_fig3a(records, ["model-a"], tag="f_r")
+    assert fig.axes[0].get_title(loc="left") == "(a) every domain file, field before rule (F→R) [f_r]"
+    write_record(results, "model-a", "diverse")      # no layout in the config: the default, rule_first
+    write_record(results, "model-a", "family_a")
+    _, records = mf.load_fig3a_records(results, scenarios=["diverse", "family_a"])
+    fig = mf.build_fig3a(records, ["model-a"])
+    assert [ax.get_title(loc="left") for ax in fig.axes[:2]] == [
+        "(a) one-word gated decisions, rule before field (R→F)", "(b) Family A tool-call template"]
+    assert mf.panel_title(0, "diverse", orders={"R->F", "F->R"}) == "(a) one-word gated decisions"
