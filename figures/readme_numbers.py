@@ -64,6 +64,8 @@ def _slices(tau: str = "0.5") -> list:
     return rows
 
 
+REGIME_LONG_LAYOUTS = ("field_first_user", "family_a_blocks", "field_first_system")   # the map's F->R layouts
+
 BLOCKS: dict[str, dict] = {
     "locality-qwen2.5-coder-1.5b-diverse": {
         "shows": "Fig. 3a numbers on the 1.5B, diverse: recovery of each splice, and the inclusion rate",
@@ -172,6 +174,24 @@ BLOCKS: dict[str, dict] = {
                  ("null_matched", "8", "random-8 matched null (median, 95 % band)", "median", "lo", "hi"),
                  ("null_uniform", "8", "random-8 uniform null (median, 95 % band)", "median", "lo", "hi")],
     },
+    "regime-long-positions-qwen2.5-coder-1.5b": {
+        "shows": "step 5: P2 position sweep on the map's D = 48 F->R cells (>= 400 downstream tokens), 1.5B",
+        "records": [("positions", "qwen2.5-coder-1.5b", "diverse_all", f"map-{lay}-D48-Qlast-K1", lay)
+                    for lay in REGIME_LONG_LAYOUTS],
+        "record_column": "layout",
+        "rows": [("top_recovery", "", "strongest single position"),
+                 ("sum_of_single_recoveries", "", "sum of the single-position recoveries")],
+    },
+    "regime-long-topk-qwen2.5-coder-1.5b": {
+        "shows": "step 5: P4/P5 cross-fitted top-k on the map's D = 48 F->R cells against matched random-k, 1.5B",
+        "records": [("topk", "qwen2.5-coder-1.5b", "diverse_all", f"map-{lay}-D48-Qlast-K1", lay)
+                    for lay in REGIME_LONG_LAYOUTS],
+        "record_column": "layout",
+        "rows": [("n_down", "", "downstream tokens"),
+                 *(row for k in (8, 32) for row in (
+                     ("topk_cf", str(k), f"top-{k} of the downstream, cross-fitted"),
+                     ("null_matched", str(k), f"random-{k} matched null (median, 95 % band)", "median", "lo", "hi")))],
+    },
     "knockout-qwen2.5-coder-1.5b-diverse": {
         "shows": "knockout on the 1.5B: all downstream masked in every layer, per state; E4 attention mass",
         "records": [("knockout", "qwen2.5-coder-1.5b", "diverse")],
@@ -247,6 +267,7 @@ def block_rows(spec: dict, results: Path) -> tuple[list[dict], list[dict]]:
     rows, sources = [], []
     for probe, model, scenario, *rest in spec["records"]:
         tag = rest[0] if rest else None
+        shown = rest[1] if len(rest) > 1 else model   # what the first column says for this record
         path = record_path(results, probe, model, scenario, tag)
         if not path.is_file():
             cmd = run_command(probe, model, scenario, tag)
@@ -261,7 +282,7 @@ def block_rows(spec: dict, results: Path) -> tuple[list[dict], list[dict]]:
                 where = row["metric"] + (f"/{row['key']}" if row["key"] else "")
                 raise RecordError(f"record {path} has no aggregate '{where}' (block rows name it)")
             s = {k: _plain(v) for k, v in hit.iloc[0].items()}
-            rows.append({"model": model, "label": row["label"], "value": s.get(row["value"]),
+            rows.append({"model": shown, "label": row["label"], "value": s.get(row["value"]),
                          "lo": s.get(row["lo"]), "hi": s.get(row["hi"]), "n": s.get("n"), "k": s.get("k"),
                          "n_scenarios": s["n_clusters"] if s.get("n_clusters") is not None
                          else sources[-1]["n_scenarios"],   # a null band has no clusters: the record's count
@@ -362,7 +383,7 @@ def render_block(block_id: str, spec: dict, results: Path) -> str:
         body = "; ".join(parts) + "."
     else:
         warn = any(r["warning"] for r in rows)
-        head = (["model"] if several else []) + ["quantity", "value", "95 % CI", "n", "scenarios"] + \
+        head = ([spec.get("record_column", "model")] if several else []) + ["quantity", "value", "95 % CI", "n", "scenarios"] + \
             (["warning"] if warn else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
