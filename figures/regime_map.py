@@ -240,8 +240,9 @@ def flat_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def phase_figure(table: pd.DataFrame) -> Figure:
-    """Field-only recovery (included pairs) per cell with its CI and n: columns = layouts (R->F first), rows = Q,
-    one line per model over D (log(1 + D) axis); the 0.2 boundary dashed."""
+    """Field-only recovery per cell with its CI: on the included pairs (solid, n annotated) and on every gated pair
+    with |delta m| >= 0.5 (dashed, hollow, nudged right); columns = layouts (R->F first), rows = Q, one colour per
+    model over D (log(1 + D) axis); the 0.2 boundary dashed grey."""
     import matplotlib as mpl
     layouts = list(dict.fromkeys(table.sort_values(["order"], key=lambda s: s != "R->F", kind="stable")["layout"]))
     qs = [q for q in ("last", "first") if q in set(table["Q"])]
@@ -255,20 +256,24 @@ def phase_figure(table: pd.DataFrame) -> Figure:
                 ax = axes[i][j]
                 sub = table[(table["Q"] == q) & (table["layout"] == layout) & (table["K"] == 1)]
                 for m, model in enumerate(models):
-                    s = sub[sub["model"] == model].sort_values("D")
-                    ok = [c["mean"] is not None for c in s["field_only"]]
-                    s = s[ok]
-                    if s.empty:
-                        continue
-                    x = np.log1p(s["D"].to_numpy())
-                    y = np.array([c["mean"] for c in s["field_only"]])
-                    lo = np.array([c["lo"] if c["lo"] is not None else c["mean"] for c in s["field_only"]])
-                    hi = np.array([c["hi"] if c["hi"] is not None else c["mean"] for c in s["field_only"]])
-                    ax.errorbar(x, y, yerr=[y - lo, hi - y], color=colors[m % len(colors)], marker="o", ms=3,
-                                lw=1.2, capsize=2, label=model)
-                    for xi, yi, n in zip(x, y, s["n_included"]):
-                        ax.annotate(f"n={n}", (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=6,
-                                    color=INK)
+                    for col, style, label, nudge in (
+                            ("field_only", dict(marker="o", ls="-"), f"{model}, included pairs", 0.0),
+                            (f"field_only/{RELAXED}", dict(marker="s", ls="--", mfc="white"),
+                             f"{model}, every gated pair with |Δm| ≥ 0.5", 0.06)):
+                        s = sub[sub["model"] == model].sort_values("D")
+                        s = s[[c["mean"] is not None for c in s[col]]]
+                        if s.empty:
+                            continue
+                        x = np.log1p(s["D"].to_numpy()) + nudge
+                        y = np.array([c["mean"] for c in s[col]])
+                        lo = np.array([c["lo"] if c["lo"] is not None else c["mean"] for c in s[col]])
+                        hi = np.array([c["hi"] if c["hi"] is not None else c["mean"] for c in s[col]])
+                        ax.errorbar(x, y, yerr=[y - lo, hi - y], color=colors[m % len(colors)], ms=3, lw=1.0,
+                                    capsize=2, label=label, **style)
+                        if col == "field_only":
+                            for xi, yi, n in zip(x, y, s["n_included"]):
+                                ax.annotate(f"n={n}", (xi, yi), textcoords="offset points", xytext=(3, 4),
+                                            fontsize=6, color=INK)
                 ax.axhline(BOUNDARY, color=WONG["grey"], ls="--", lw=0.8)
                 ax.axhline(0, color=INK, lw=0.6)
                 ds = sorted(set(table["D"]))
@@ -277,9 +282,14 @@ def phase_figure(table: pd.DataFrame) -> Figure:
                 ax.set_title(f"{layout} ({order}), Q {q}", fontsize=7.5)
                 if j == 0:
                     ax.set_ylabel("field-only recovery")
-        axes[0][0].legend(fontsize=6, frameon=False)
-        fig.supxlabel("D: unique filler lines between the field and the next block (log(1 + D) axis)", fontsize=8)
-        fig.tight_layout()
+        handles, labels = {}, []
+        for ax in axes.flat:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        fig.tight_layout(rect=(0, 0.16, 1, 1))
+        fig.supxlabel("D: unique filler lines between the field and the next block (log(1 + D) axis)", fontsize=8,
+                      y=0.09)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=6.5, frameon=False)
     return fig
 
 
