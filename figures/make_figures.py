@@ -194,12 +194,17 @@ def panel_title(i: int, scenario: str, tag: str | None = None, orders: set | Non
 
 
 def record_order(rec: dict) -> str | None:
-    """The rule order (R->F / F->R) of a one-word-family record, from its config's layout; None for other families."""
+    """The rule order (R->F / F->R) of a record, from its config: the one-word family's layout (scenarios.diverse
+    LAYOUTS), Family C's order (rule_first: R->F, the paper's; field_first: F->R); None for other families (the
+    off-template tasks have no rule before or after a field)."""
     from scenarios.diverse import LAYOUTS
     scen = (rec.get("config") or {}).get("scenario") or rec.get("scenario") or {}
-    if scen.get("family") != "diverse":
-        return None
-    return LAYOUTS.get((scen.get("params") or {}).get("layout", "rule_first"))
+    params = scen.get("params") or {}
+    if scen.get("family") == "diverse":
+        return LAYOUTS.get(params.get("layout", "rule_first"))
+    if scen.get("family") == "family_c":
+        return {"rule_first": "R->F", "field_first": "F->R"}.get(params.get("order", "rule_first"))
+    return None
 
 
 def fig3a_stem(scenarios: list[str], tag: str | None = None) -> str:

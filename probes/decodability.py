@@ -19,7 +19,8 @@ replication timing read the logit lens from layer 1 as its index 0, an off-by-on
 l = n_layers HF's hidden_states holds the final norm's output; the probes use it as HF gives it, the logit lens
 applies the norm to the final norm's input, so its index n_layers is exactly the model's own decision logits.
 
-Two designs of scenario=diverse (the contract accepts either), each arm a sample:
+Three designs, each arm a sample: two of scenario family diverse and one of family_c (the contract accepts any of
+them; one run uses one, `design_of` refuses a mix):
   polarity  (scenario=diverse_polarity: the field changes, the rule's polarity mixed) targets `conclusion` (the arm's
             value implies the restrictive action, deny / safe) and `field_value` (the arm's value is the one the
             *normal* rule allows, e.g. pending, admin, yes: a value class shared across domains). Within a pair both
@@ -42,11 +43,25 @@ Two designs of scenario=diverse (the contract accepts either), each arm a sample
             so LOSO across both kinds (agg.targets.rule_names) separates a computed conclusion from a match
             detector. With n_instances < 3 every field value is the allowed one: field_value is constant and not
             probed (agg.not_probed says so); n_instances a multiple of 4 fills each domain's 2x2 evenly.
-The dissociation is measured, not inferred (agg.dissociation, per anchor and per other target): the samples on which
-a probe that reads only the other target must be wrong about the conclusion (`disagreement`: the other target,
-mapped to the conclusion by the relation that holds on most samples, gives the wrong conclusion), their count, pairs
-and scenarios, and each probe's held-out accuracy on them (at its best layer, with a design-effect Wilson interval
-over scenarios; and per layer).
+  cancel    (scenario=family_c, family_c_field_first: order_status changes, the trigger held; family_c_trigger: the
+            rule's trigger word changes, the order_status line held; Family C §1.4 / §3.15, the cross-family row of
+            tab:xfamily) targets `conclusion` only (the arm's implied action is the restrictive one, deny / safe).
+            The rule is "cancel iff order_status equals the trigger", and field and trigger range over four
+            statuses, so no binary field-value or trigger class is shared across the four clusters
+            (`cancel_<pair>_<held value>`): there is no second target, hence no dissociation, no correlation and no
+            confounding number (agg.dissociation is empty per anchor and agg.dissociation_note says why). What the
+            conclusion is confounded with: it is exactly "field != trigger" (the rule always names the status that
+            allows), so a match detector and a computed conclusion are the same labels here; and within a pair it
+            flips with the changing word, as in every design. LOSO holds out a whole held value: the held-out
+            cluster's cancel arms carry a value that the training clusters show only on deny arms, so a reader of
+            the changing word's identity gains nothing there (it points the wrong way). Both pair kinds probe the same
+            target; n_instances a multiple of 8 gives the four clusters the same number of pairs (each pair has one
+            arm of each class, so the classes are balanced within every cluster whatever n_instances).
+The dissociation (the two diverse designs) is measured, not inferred (agg.dissociation, per anchor and per other
+target): the samples on which a probe that reads only the other target must be wrong about the conclusion
+(`disagreement`: the other target, mapped to the conclusion by the relation that holds on most samples, gives the
+wrong conclusion), their count, pairs and scenarios, and each probe's held-out accuracy on them (at its best layer,
+with a design-effect Wilson interval over scenarios; and per layer).
 
 Probes, per anchor x layer x target, evaluated leave-one-scenario-out (LOSO: a domain is never in its own training
 fold), answering the GroupKFold-by-(scenario, oid) leak of W13:
@@ -111,6 +126,7 @@ from kvnotes.stats import MIN_NULL_DRAWS, pearson, summarize, summarize_proporti
 from probes.base import ProbeSpec
 from probes.common import Split, boot_args, end_states, margins, pair_row, prefill_pair, readout_key
 from scenarios import diverse
+from scenarios.offtemplate import gate_answer
 
 CONTRACT = ProbeSpec(
     name="decodability", paper_refs=("P8", "§3.8", "§3.10", "§3.11"),
@@ -118,14 +134,23 @@ CONTRACT = ProbeSpec(
     # with the field changing under the normal polarity the conclusion and the field value are the same labels, so
     # one of two designs (base.ProbeSpec: a tuple of requirement dicts, any one suffices): the rule's polarity mixed
     # (the field changes; `changes` unset is the generator's "field"), or the rule's trigger word changes with the
-    # field held fixed (Family B; the generator allows it only with the normal polarity, unset = "normal")
+    # field held fixed (Family B; the generator allows it only with the normal polarity, unset = "normal"); on
+    # Family C (the cancel design: the conclusion only) either pair kind, field (unset = the generator's "field") or
+    # trigger, in either order
     scenarios={"diverse": ({"polarity": ("mixed",), "changes": (None, "field")},
-                           {"changes": ("trigger",), "polarity": (None, "normal")})},
+                           {"changes": ("trigger",), "polarity": (None, "normal")}),
+               "family_c": {"pair": (None, "field", "trigger")}},
     not_reanalysable="the anchor residuals measure() returns are not kept in the record")
 
 ANCHORS = ("field_line_end", "downstream_mean", "pre_decision", "decision")
 TARGETS = ("conclusion", "field_value")                        # the polarity design's targets
-DESIGN_TARGETS = {"polarity": TARGETS, "trigger": TARGETS + ("trigger",)}
+DESIGN_TARGETS = {"polarity": TARGETS, "trigger": TARGETS + ("trigger",), "cancel": ("conclusion",)}
+FAMILY_C_KEYS = ("pair", "field_old", "field_new", "trigger_old", "trigger_new")   # scenarios.offtemplate's variant
+NO_DISSOCIATION = ("none: the cancel design (Family C) has one target, the conclusion. Its field and trigger range "
+                   "over four statuses, so no binary field-value or trigger class is shared across clusters, and the "
+                   "conclusion is exactly field != trigger (a match detector gives the same labels): there is no "
+                   "second target to dissociate it from, so no dissociation, correlation or minority-arm test is "
+                   "measured on this design")
 C_REG = 1.0             # inverse L2 strength: 0.5 |w|^2 + C * sum(log-loss), as the paper's C = 1
 N_PERM = 2000           # label permutations (within scenario) of the null: p floor 1/2001
 N_NULL_LAYERS = 7       # layers in the null's grid (None: every layer); see null_layers
@@ -561,28 +586,52 @@ def max_over_layers_test(accs: list, layers: list[int], null_max: np.ndarray) ->
 
 
 # ---------------------------------------------------------------------------------------------- analysis
+def is_family_c(inst) -> bool:
+    """A Family C pair (scenarios.offtemplate.make_family_c: its variant names the pair kind and both arms' field
+    and trigger)."""
+    return all(k in inst.variant for k in FAMILY_C_KEYS)
+
+
+def _design_of_one(inst) -> str:
+    if is_family_c(inst):
+        return "cancel"
+    return "trigger" if inst.variant.get("changes") == "trigger" else "polarity"
+
+
+DESIGN_SOURCES = {"polarity": "diverse field pairs (scenario=diverse_polarity)",
+                  "trigger": "diverse trigger pairs (scenario=diverse_trigger)",
+                  "cancel": "Family C pairs (scenario=family_c, family_c_field_first or family_c_trigger)"}
+
+
 def design_of(instances) -> str:
-    """The design of a run's gated pairs: "trigger" when they change the rule's trigger word (variant changes ==
-    "trigger", scenario=diverse_trigger), else "polarity" (the field changes: diverse_polarity; also the
-    normal-polarity diverse a direct call may pass, whose confounded targets the record then names). Raises
-    ValueError for a run that mixes the two (their targets differ: run them as two scenarios)."""
-    kinds = {"trigger" if i.variant.get("changes") == "trigger" else "polarity"
-             for i in instances if i.kind != "control"}
-    if len(kinds) > 1:
+    """The design of a run's gated pairs: "cancel" for Family C pairs (`is_family_c`; field or trigger pairs, the
+    conclusion the only target), "trigger" when they change the rule's trigger word (variant changes == "trigger",
+    scenario=diverse_trigger), else "polarity" (the field changes: diverse_polarity; also the normal-polarity
+    diverse a direct call may pass, whose confounded targets the record then names). Raises ValueError for a run
+    that mixes designs (their targets differ: run them as separate scenarios)."""
+    kinds = {_design_of_one(i) for i in instances if i.kind != "control"}
+    if kinds == {"trigger", "polarity"}:
         raise ValueError("decodability: the gated pairs mix trigger pairs and field pairs, whose targets differ; "
                          "run scenario=diverse_trigger and scenario=diverse_polarity as two runs")
+    if len(kinds) > 1:
+        raise ValueError("decodability: the gated pairs mix " + " and ".join(DESIGN_SOURCES[k] for k in sorted(kinds))
+                         + ", whose designs and targets differ; run each as its own scenario")
     return kinds.pop() if kinds else "polarity"
 
 
 def arm_labels(inst, arm: str) -> dict:
     """The arm's value (its changing word), implied action, polarity and targets (1/0): `conclusion` (the implied
-    action is the restrictive one, inst.safe) and `field_value` for every pair; a trigger pair (variant changes ==
-    "trigger") also has `trigger` and its fixed `field` (`_trigger_labels`). Raises ValueError for an arm other
-    than old / new, a polarity other than normal / inverted, or a trigger pair whose labels cannot be read."""
+    action is the restrictive one, inst.safe) for every pair and `field_value` for every diverse pair; a diverse
+    trigger pair (variant changes == "trigger") also has `trigger` and its fixed `field` (`_trigger_labels`); a
+    Family C pair has the conclusion only, with its pair kind and the arm's field and trigger words
+    (`_cancel_labels`). Raises ValueError for an arm other than old / new, a polarity other than normal / inverted,
+    or a trigger or Family C pair whose labels cannot be read."""
     if arm not in ("old", "new"):
         raise ValueError(f"arm must be 'old' or 'new', got {arm!r}")
     value = inst.old_value if arm == "old" else inst.new_value
     implied = inst.expected_old if arm == "old" else inst.expected_new
+    if is_family_c(inst):
+        return _cancel_labels(inst, arm, value, implied)
     if inst.variant.get("changes") == "trigger":
         return _trigger_labels(inst, arm, value, implied)
     pol = inst.variant.get("polarity", "normal")
@@ -622,6 +671,29 @@ def _trigger_labels(inst, arm: str, trigger: str, implied: str) -> dict:
     return {"value": trigger, "implied": implied, "polarity": "normal", "field": field,
             "conclusion": int(implied == inst.safe), "field_value": int(field == d.allowed),
             "trigger": int(trigger == d.allowed)}
+
+
+def _cancel_labels(inst, arm: str, value: str, implied: str) -> dict:
+    """One arm of a Family C pair (paper_spec §1.4, scenarios.offtemplate.make_family_c): `pair` (field or trigger),
+    the arm's `field` (order_status) and `trigger_word` (the rule's value) from the variant, and `conclusion` = the
+    implied action is the restrictive one (deny). The arm's changing value must be its variant's field_<arm> (field
+    pairs) or trigger_<arm> (trigger pairs), and the rule (cancel iff the field equals the trigger,
+    scenarios.offtemplate.gate_answer) must imply the instance's own decision; otherwise ValueError naming the pair."""
+    v = inst.variant
+    kind, field, trigger = v["pair"], v[f"field_{arm}"], v[f"trigger_{arm}"]
+    if kind not in ("field", "trigger"):
+        raise ValueError(f"{inst.id}: a Family C pair of kind {kind!r}; only field and trigger pairs are labelled")
+    changing = field if kind == "field" else trigger
+    if value != changing:
+        raise ValueError(f"{inst.id}: the {arm} arm's changing value {value!r} is not its variant's {kind}_{arm} "
+                         f"{changing!r}; only scenarios/offtemplate.py's Family C pairs can be labelled")
+    rule = gate_answer(field, trigger, {"allow": inst.unsafe, "refuse": inst.safe})
+    if rule != implied:
+        raise ValueError(f"{inst.id}: Family C's rule (cancel iff the field equals the trigger) implies {rule!r} for "
+                         f"field {field!r} and trigger {trigger!r}, the instance {implied!r}: the pair was not made "
+                         f"by scenarios.offtemplate.make_family_c; regenerate it")
+    return {"value": value, "implied": implied, "polarity": "normal", "pair": kind, "field": field,
+            "trigger_word": trigger, "conclusion": int(implied == inst.safe)}
 
 
 def commit_layer(m, expected: int) -> int | None:
@@ -778,10 +850,14 @@ TRIGGER_FIX = "use n_instances a multiple of 4 (each domain's 2x2 of field and t
 
 
 def _design_confounding(design: str, rels: dict, inclusion: dict, not_probed: dict) -> str:
-    """The confounding sentence of a design: the polarity design's (conclusion vs field_value) or, for trigger
-    pairs, one clause per other target (a constant target said to be so)."""
+    """The confounding sentence of a design: the polarity design's (conclusion vs field_value), for trigger pairs one
+    clause per other target (a constant target said to be so), for the cancel design (Family C) that it has none."""
     if design == "polarity":
         return _confounding(rels["conclusion~field_value"], inclusion)
+    if design == "cancel":
+        return ("cancel design (Family C): the conclusion is the only target and is exactly field != trigger, so a "
+                "match detector gives the same labels; no second target is shared across clusters, so nothing is "
+                "dissociated from it")
     return "; ".join(f"{t}: {not_probed[t]}" if t in not_probed else
                      _confounding(rels[f"conclusion~{t}"], other=t, fix=TRIGGER_FIX)
                      for t in ("field_value", "trigger"))
@@ -890,6 +966,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
 
     def finish(agg, finding):
         agg["design"] = design
+        if design == "cancel":
+            agg["dissociation_note"] = NO_DISSOCIATION
         agg["commit"] = commit
         agg["inclusion_by_polarity"] = inclusion
         agg["decisions_by_polarity"] = decisions
@@ -945,10 +1023,18 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     for i in range(n):
         key = ",".join(f"{t}={ys[t][i]}" for t in targets)
         cells[key] = cells.get(key, 0) + 1
-    targets_block = {"design": design, "correlation": rels["conclusion~field_value"], "correlations": rels,
+    targets_block = {"design": design, "correlation": rels.get("conclusion~field_value"), "correlations": rels,
                      "confounding": _design_confounding(design, rels, inclusion, not_probed), "cells": cells,
                      **{t: {"positive_rate": float(np.mean(ys[t])), "probed": t in probed,
                             "constant_within_pairs": t in pair_constant and pair_constant[t]} for t in targets}}
+    if design == "cancel":      # conclusion = [field != trigger]; a cluster holds one value (the word its pairs keep)
+        labs = [row["labels"]["old"] for row in split.included]
+        targets_block.update({
+            "correlation_note": "no second target: " + NO_DISSOCIATION.removeprefix("none: "),
+            "pair_kinds": sorted({lab["pair"] for lab in labs}),
+            "held_value": {row["scenario"]: lab["trigger_word"] if lab["pair"] == "field" else lab["field"]
+                           for row, lab in zip(split.included, labs)},
+            "rule": "cancel iff the field equals the trigger, else deny: conclusion (deny) = field != trigger"})
     if design == "trigger":     # conclusion = field_value XOR trigger XOR [the rule names the disallowed value]
         names = {g: ys["conclusion"][i] ^ ys["field_value"][i] ^ ys["trigger"][i] for i, g in enumerate(groups)}
         targets_block["rule_names"] = {"allowed": sorted(g for g, v in names.items() if not v),
@@ -970,7 +1056,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                       "write_threshold": WRITE_THRESHOLD, "depth": "hidden_states index / n_layers",
                       "layer_index": ("hidden_states index: 0 = embeddings, l = after l blocks; the same index for "
                                       "write_depth and the commit depth"),
-                      "dissociation": ("per anchor and other target: the samples on which a reader of the other "
+                      "dissociation": (NO_DISSOCIATION if design == "cancel" else
+                                       "per anchor and other target: the samples on which a reader of the other "
                                        "target gets the conclusion wrong (probes.decodability.disagreement), the "
                                        "held-out accuracy of each probe on them")},
            "logistic": {}, "diff_means": {}, "best_layer": {}, "write_depth": {},
@@ -1045,6 +1132,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     dis_bits = [f"{o}: {dis[o]['n_samples']} samples from {dis[o]['n_pairs']} pairs, {dis[o]['n_scenarios']} "
                 f"scenarios" + (f", conclusion accuracy {dis[o]['accuracy']['conclusion']['mean']:.2f}"
                                 if dis[o]["accuracy"] else "") for o in dis]
+    dis_sentence = ("No dissociation is measured: the cancel design has no second target" if design == "cancel" else
+                    "Samples where a reader of the other target gets the conclusion wrong (decision anchor, best "
+                    "layer): " + "; ".join(dis_bits))
     ci = commit["included"]
     depth = ci["depth"]
     commit_bit = (f"logit-lens commit at the decision token on {ci['n_committed']}/{ci['n_arms']} included arms"
@@ -1055,6 +1145,5 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     finding = (f"{targets_block['confounding']}. Best-layer LOSO logistic accuracy over {n} samples from "
                f"{len(set(groups))} scenarios (best layer chosen in-sample, descriptive; p-values from {N_PERM} "
                f"within-scenario permutations of the maximum over layers {grid}): " + "; ".join(bits) + ". "
-               f"Samples where a reader of the other target gets the conclusion wrong (decision anchor, best layer): "
-               + "; ".join(dis_bits) + f". {commit_bit}.")
+               f"{dis_sentence}. {commit_bit}.")
     return finish(agg, finding)

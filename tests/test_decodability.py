@@ -1,7 +1,8 @@
 """P8 decodability: the polarity option of the diverse family, the LOSO probes on synthetic data (planted signal,
 shuffled labels, no training on the held-out scenario, the logistic optimum), the pair-level permutation of
-pair-constant targets, the contract's two designs, the anchor residuals against an independent forward, and the probe
-end to end on tiny-llama (the trigger design, the logit lens and the commit depth: tests/test_deep_timing.py)."""
+pair-constant targets, the contract's designs (Family C's cancel design: labels, contract, a run.py record), the
+anchor residuals against an independent forward, and the probe end to end on tiny-llama (the trigger design, the
+logit lens and the commit depth: tests/test_deep_timing.py)."""
 import dataclasses
 import hashlib
 import json
@@ -10,12 +11,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import run as run_module
 from probes import decodability as dec
-from scenarios import diverse
+from probes.base import ProbeConfigError, load_probe
+from scenarios import diverse, offtemplate
 from test_run import _cfg
-from conftest import N_DIVERSE, config_domains
+from conftest import N_DIVERSE, config_domains, run_py
 
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
 
@@ -231,7 +234,7 @@ def test_the_contract_accepts_either_design_and_names_both_when_neither_is_met()
         (msg,) = spec.scenario_problems("diverse", params)
         assert "one of 2 designs" in msg and "scenario.params.polarity in ['mixed']" in msg
         assert "scenario.params.changes in ['trigger']" in msg
-    assert "family 'diverse'" in spec.scenario_problems("family_c", {})[0]
+    assert "family 'diverse' or 'family_c'" in spec.scenario_problems("offtemplate", {"task": "multihop"})[0]
     # a single-design contract reads as before
     from probes.base import ProbeSpec
     one = ProbeSpec(name="x", paper_refs=("x",), options={"batch_size": 1}, not_reanalysable="x",
@@ -404,3 +407,136 @@ def test_minority_arms_score_only_the_arms_where_the_targets_agree():
     assert dec.minority_arms([row("a1", "normal", 0.9, 0.1)]) == {
         "n_arms": 0, "n_pairs": 0, "arms": "conclusion == field_value (rule inverted and followed)",
         "accuracy": {a: {} for a in dec.ANCHORS}}
+
+
+# ---------------------------------------------------------------------------------------------- Family C: cancel design
+FAMILY_C_ANSWERS = {"allow": "cancel", "refuse": "deny"}     # scenarios/offtemplate/family_c.yaml
+
+
+@pytest.mark.parametrize("pair", ["field", "trigger"])
+def test_family_c_arm_labels_are_what_the_gate_implies(pair):
+    insts = offtemplate.make_family_c(8, 0, pair=pair)
+    gated = [i for i in insts if i.kind == "gated"]
+    assert len(gated) == 8 and dec.design_of(insts) == "cancel"       # the controls do not count
+    per_cluster = {}
+    for inst in gated:
+        v = inst.variant
+        assert inst.safe == "deny"
+        for arm in ("old", "new"):
+            lab = dec.arm_labels(inst, arm)
+            field, trigger = v[f"field_{arm}"], v[f"trigger_{arm}"]
+            want = offtemplate.gate_answer(field, trigger, FAMILY_C_ANSWERS)
+            assert lab["conclusion"] == int(want == "deny") == int(field != trigger)
+            assert (lab["pair"], lab["field"], lab["trigger_word"], lab["implied"]) == (pair, field, trigger, want)
+            assert lab["value"] == (field if pair == "field" else trigger)
+            assert not {"field_value", "trigger"} & set(lab)       # no second target on this design
+            per_cluster.setdefault(inst.scenario, []).append(lab["conclusion"])
+        # the arms of a pair imply the two actions
+        assert {dec.arm_labels(inst, "old")["conclusion"], dec.arm_labels(inst, "new")["conclusion"]} == {0, 1}
+    # four clusters, each holding one value and balanced in conclusion
+    assert len(per_cluster) == 4 and all(c.startswith(f"cancel_{pair}_") for c in per_cluster)
+    assert all(sum(v) * 2 == len(v) for v in per_cluster.values())
+    # a pair whose decisions the rule does not imply cannot be labelled
+    bad = dataclasses.replace(gated[0], expected_old=gated[0].expected_new)
+    with pytest.raises(ValueError, match="implies"):
+        dec.arm_labels(bad, "old")
+    wrong = dataclasses.replace(gated[0], old_value="nonsense")
+    with pytest.raises(ValueError, match="changing value"):
+        dec.arm_labels(wrong, "old")
+
+
+def test_design_of_names_family_c_cancel_and_refuses_a_mix():
+    field, trigger = offtemplate.make_family_c(2, 0), offtemplate.make_family_c(2, 0, pair="trigger")
+    assert dec.design_of(field) == dec.design_of(trigger) == dec.design_of(field + trigger) == "cancel"
+    polarity = diverse.make_instances(1, 0, polarity="mixed")
+    diverse_trigger = diverse.make_instances(1, 0, changes="trigger", domains=["order_cancel"])
+    assert dec.design_of(polarity) == "polarity" and dec.design_of(diverse_trigger) == "trigger"
+    for other in (polarity, diverse_trigger):
+        with pytest.raises(ValueError, match="mix .*Family C pairs.*run each as its own scenario"):
+            dec.design_of(field + other)
+    with pytest.raises(ValueError, match="mix trigger pairs and field pairs"):    # the diverse mix, as before
+        dec.design_of(polarity + diverse_trigger)
+
+
+def test_contract_accepts_family_c_and_refuses_multihop_with_the_fix(tmp_path):
+    spec = dec.CONTRACT
+    for params in ({}, {"pair": "field"}, {"pair": "trigger"}, {"pair": "field", "order": "field_first"}):
+        assert spec.scenario_problems("family_c", params) == [], params
+    (msg,) = spec.scenario_problems("family_c", {"pair": "both"})
+    assert "scenario.params.pair in [None, 'field', 'trigger']" in msg
+    probe = load_probe("decodability")
+    for scenario in ("family_c", "family_c_field_first", "family_c_trigger"):
+        conf = OmegaConf.to_container(_cfg(tmp_path, "probe=decodability", f"scenario={scenario}",
+                                           "model=tiny-llama"), resolve=True)
+        assert run_module.check_probe(probe, conf)["name"] == "decodability"
+    conf = OmegaConf.to_container(_cfg(tmp_path, "probe=decodability", "scenario=offtemplate_multihop",
+                                       "model=tiny-llama"), resolve=True)
+    with pytest.raises(ProbeConfigError) as err:
+        run_module.check_probe(probe, conf)
+    msg = str(err.value)
+    assert "scenario 'offtemplate_multihop'" in msg and "family 'diverse' or 'family_c'" in msg
+    assert "Fix:" in msg and "scenario=family_c_trigger" in msg and "scenario=diverse_trigger" in msg
+
+
+def test_family_c_record_through_run_py_has_the_cancel_design(tmp_path):
+    out = tmp_path / "results"
+    run_py("probe=decodability", "scenario=family_c_trigger", "model=tiny-llama", "n_instances=8",
+           f"results_dir={out}", "make_figures=false", "stats.n_boot=200", *RELAXED, hydra_dir=tmp_path / "hydra")
+    rec = json.loads((out / "decodability" / "tiny-llama" / "family_c_trigger.json").read_text())
+    agg, rows = rec["aggregate"], rec["instances"]
+    assert rec["summary"]["n_included"] == len(rows) == 8 and rec["summary"]["n_controls"] == 8
+    assert agg["design"] == "cancel" and agg["targets"]["design"] == "cancel"
+    assert agg["method"]["targets"] == ["conclusion"] and agg["not_probed"] == {}
+    assert agg["n_samples"] == 16 and agg["n_scenarios"] == 4
+    # labels as Family C's rule implies them from each row's variant
+    for row in rows:
+        v = row["variant"]
+        assert v["pair"] == "trigger" and row["scenario"] == f"cancel_trigger_{v['field_old']}"
+        for arm in ("old", "new"):
+            want = offtemplate.gate_answer(v[f"field_{arm}"], v[f"trigger_{arm}"], FAMILY_C_ANSWERS)
+            assert row["labels"][arm]["conclusion"] == int(want == "deny")
+    assert agg["targets"]["held_value"] == {r["scenario"]: r["variant"]["field_old"] for r in rows}
+    assert agg["targets"]["cells"] == {"conclusion=0": 8, "conclusion=1": 8}
+    # the conclusion curves at every anchor, with the max-over-layers null; no other target anywhere
+    n_layers = agg["n_layers"]
+    for anchor in dec.ANCHORS:
+        for probe in ("logistic", "diff_means"):
+            assert list(agg[probe][anchor]) == ["conclusion"]
+            curve = agg[probe][anchor]["conclusion"]
+            assert [pt["layer"] for pt in curve] == list(range(n_layers + 1))
+            assert all(pt["n"] == 16 and pt["n_clusters"] == 4 for pt in curve)
+        best = agg["best_layer"][anchor]["conclusion"]
+        assert best["accuracy"] == max(pt["mean"] for pt in agg["logistic"][anchor]["conclusion"])
+        assert best["null"]["n_perm"] == dec.N_PERM and best["null"]["layers"] == dec.null_layers(n_layers)
+        w = agg["write_depth"][anchor]
+        reach = [pt["layer"] for pt in agg["logistic"][anchor]["conclusion"] if pt["mean"] >= dec.WRITE_THRESHOLD]
+        assert w["layer"] == (reach[0] if reach else None)
+    for key in ("field_value_depth", "trigger_depth", "minority_arms"):
+        assert key not in agg
+    # no second target: no dissociation, said so in the aggregate, the targets block and the finding
+    assert agg["dissociation"] == {a: {} for a in dec.ANCHORS}
+    assert agg["dissociation_note"].startswith("none") and "no second target" in agg["dissociation_note"]
+    assert agg["method"]["dissociation"] == agg["dissociation_note"]
+    assert agg["targets"]["correlation"] is None and agg["targets"]["correlations"] == {}
+    assert "no second target" in agg["targets"]["correlation_note"]
+    assert "No dissociation is measured" in rec["summary"]["finding"]
+    # the commit block: every included arm counted, never-committing arms by class; write - commit per anchor
+    commit = agg["commit"]["included"]
+    layers = [r["commit_layer"][arm] for r in rows for arm in ("old", "new")]
+    for r in rows:
+        for arm in ("old", "new"):
+            sign = 1 if r["labels"][arm]["conclusion"] else -1
+            assert r["commit_layer"][arm] == dec.commit_layer(r["lens_margin"][arm], sign)
+            assert len(r["lens_margin"][arm]) == n_layers + 1
+    never = sum(c is None for c in layers)
+    assert (commit["n_arms"], commit["n_never"], commit["n_committed"]) == (16, never, 16 - never)
+    assert sum(v["never"] for v in commit["never_by_class"].values()) == never
+    assert set(agg["write_minus_commit"]) == set(dec.ANCHORS)
+    for anchor in dec.ANCHORS:
+        w, wmc = agg["write_depth"][anchor], agg["write_minus_commit"][anchor]
+        if w["layer"] is not None and commit["n_committed"]:
+            assert wmc["depth"] == pytest.approx(w["layer"] / n_layers - commit["depth"]["mean"])
+        else:
+            assert wmc["depth"] is None and "undefined" in wmc["note"]
+    assert rec["sanity"]["lens_vs_logits_max_abs"] < 1e-4
+    assert all(v == {"conclusion": 0.5} for v in rec["sanity"]["layer0_pointwise_accuracy"].values())
