@@ -18,7 +18,7 @@ from probes import decodability as dec
 from probes.base import ProbeConfigError, load_probe
 from scenarios import diverse, offtemplate
 from test_run import _cfg
-from conftest import N_DIVERSE, config_domains, run_py
+from conftest import N_DIVERSE, assert_write_minus_commit, config_domains, run_py
 
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
 
@@ -532,11 +532,6 @@ def test_family_c_record_through_run_py_has_the_cancel_design(tmp_path):
     assert (commit["n_arms"], commit["n_never"], commit["n_committed"]) == (16, never, 16 - never)
     assert sum(v["never"] for v in commit["never_by_class"].values()) == never
     assert set(agg["write_minus_commit"]) == set(dec.ANCHORS)
-    for anchor in dec.ANCHORS:
-        w, wmc = agg["write_depth"][anchor], agg["write_minus_commit"][anchor]
-        if w["layer"] is not None and commit["n_committed"]:
-            assert wmc["depth"] == pytest.approx(w["layer"] / n_layers - commit["depth"]["mean"])
-        else:
-            assert wmc["depth"] is None and "undefined" in wmc["note"]
+    assert_write_minus_commit(agg, commit, n_layers, dec.ANCHORS)
     assert rec["sanity"]["lens_vs_logits_max_abs"] < 1e-4
     assert all(v == {"conclusion": 0.5} for v in rec["sanity"]["layer0_pointwise_accuracy"].values())

@@ -17,7 +17,7 @@ from probes import layers as layers_probe
 from probes import locality
 from scenarios import diverse, make_instances
 from test_run import _cfg
-from conftest import config_domains, run_py
+from conftest import assert_write_minus_commit, config_domains, run_py
 
 RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
 TRIGGER_PARAMS = yaml.safe_load((REPO_ROOT / "configs" / "scenario" / "diverse_trigger.yaml").read_text())["params"]
@@ -335,12 +335,8 @@ def test_deep_d1_sweep_writes_the_trigger_only_notes_and_decodability_records(de
         done = [c for c in layers_all if c is not None]
         assert commit["layer"]["mean"] == pytest.approx(np.mean(done))
         assert commit["depth"]["mean"] == pytest.approx(np.mean(done) / n_layers)
+    assert_write_minus_commit(agg, commit, n_layers, dec.ANCHORS)
     for anchor in dec.ANCHORS:
-        w, wmc = agg["write_depth"][anchor], agg["write_minus_commit"][anchor]
-        if w["layer"] is not None and commit["n_committed"]:
-            assert wmc["depth"] == pytest.approx(w["layer"] / n_layers - commit["depth"]["mean"])
-        else:
-            assert wmc["depth"] is None and "undefined" in wmc["note"]
         # the disagreeing samples, recounted from the rows' labels
         for other in ("field_value", "trigger"):
             c = [row["labels"][arm]["conclusion"] for row in rows for arm in ("old", "new")]
