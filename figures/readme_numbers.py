@@ -66,6 +66,13 @@ def _slices(tau: str = "0.5") -> list:
 
 REGIME_LONG_LAYOUTS = ("field_first_user", "family_a_blocks", "field_first_system")   # the map's F->R layouts
 
+
+def regime_long_records(probe: str, model: str, d: int = 48) -> dict:
+    """The block keys naming experiment=regime_long's records of one probe: one per F->R layout of the map at D = d
+    (question last, one gate), each shown by its layout."""
+    return {"records": [(probe, model, "diverse_all", f"map-{lay}-D{d}-Qlast-K1", lay) for lay in REGIME_LONG_LAYOUTS],
+            "record_column": "layout"}
+
 BLOCKS: dict[str, dict] = {
     "locality-qwen2.5-coder-1.5b-diverse": {
         "shows": "Fig. 3a numbers on the 1.5B, diverse: recovery of each splice, and the inclusion rate",
@@ -176,17 +183,13 @@ BLOCKS: dict[str, dict] = {
     },
     "regime-long-positions-qwen2.5-coder-1.5b": {
         "shows": "step 5: P2 position sweep on the map's D = 48 F->R cells (>= 400 downstream tokens), 1.5B",
-        "records": [("positions", "qwen2.5-coder-1.5b", "diverse_all", f"map-{lay}-D48-Qlast-K1", lay)
-                    for lay in REGIME_LONG_LAYOUTS],
-        "record_column": "layout",
+        **regime_long_records("positions", "qwen2.5-coder-1.5b"),
         "rows": [("top_recovery", "", "strongest single position"),
                  ("sum_of_single_recoveries", "", "sum of the single-position recoveries")],
     },
     "regime-long-topk-qwen2.5-coder-1.5b": {
         "shows": "step 5: P4/P5 cross-fitted top-k on the map's D = 48 F->R cells against matched random-k, 1.5B",
-        "records": [("topk", "qwen2.5-coder-1.5b", "diverse_all", f"map-{lay}-D48-Qlast-K1", lay)
-                    for lay in REGIME_LONG_LAYOUTS],
-        "record_column": "layout",
+        **regime_long_records("topk", "qwen2.5-coder-1.5b"),
         "rows": [("n_down", "", "downstream tokens"),
                  *(row for k in (8, 32) for row in (
                      ("topk_cf", str(k), f"top-{k} of the downstream, cross-fitted"),
