@@ -58,7 +58,7 @@ from figures.make_figures import (DEFAULT_OUT, DEFAULT_RESULTS, INK, STYLE, WONG
                                   draw_locality_panel, load_locality_record, locality_legend, locality_y_range,
                                   record_order, write_table)
 from kvnotes.records import (RecordError, load_aggregates, load_index, read_record, record_path,  # noqa: E402
-                             registered_models, run_command)
+                             registered_models, repo_relative, run_command)
 
 PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"
 SANITY = "sanity check (by construction)"
@@ -264,7 +264,7 @@ def summary_row(src: Loaded, control: str, quantity: str, metric: str, key: str 
         where = metric + (f"/{key}" if key else "")
         return {"control": control, "quantity": quantity, "model": src.model, "regime": src.regime or "n/a",
                 "record_name": src.name, "note": f"not in the record (no aggregate {where})",
-                "source_metric": metric, "source_key": key, "record": str(src.path), "paper_key": paper}
+                "source_metric": metric, "source_key": key, "record": repo_relative(src.path), "paper_key": paper}
 
     def field(spec):
         if spec is None:
@@ -277,7 +277,7 @@ def summary_row(src: Loaded, control: str, quantity: str, metric: str, key: str 
     return {"control": control, "quantity": quantity, "model": src.model, "regime": src.regime or "n/a",
             "record_name": src.name, "value": s.get(value), "ci_lo": field(lo), "ci_hi": field(hi), "n": field(n),
             "G": field(g), "p_value": field(p), "note": note, "source_metric": metric, "source_key": key,
-            "value_field": value, "record": str(src.path), "paper_key": paper}
+            "value_field": value, "record": repo_relative(src.path), "paper_key": paper}
 
 
 LOCALITY_ROWS = {   # aggregate key -> (quantity, note) for the primary (field-change) pairs

@@ -37,6 +37,15 @@ SCHEMA_VERSION = 1
 PACKAGES = ("torch", "transformers", "accelerate", "gguf", "transformer-lens", "nnsight", "hydra-core", "numpy")
 
 
+def repo_relative(path) -> str:
+    """`path` relative to the repository root when it lies inside it (for tables and READMEs that must not name this
+    machine's directories), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def record_path(results_dir, probe: str, model: str, scenario: str, tag: str | None = None) -> Path:
     name = scenario if not tag else f"{scenario}-{tag}"
     return Path(results_dir) / probe / model / f"{name}.json"
