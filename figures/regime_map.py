@@ -142,7 +142,9 @@ def cells(paths: list[Path], exact_d: bool = True) -> tuple[pd.DataFrame, pd.Dat
             row[f"{name}/{RELAXED}"] = _summary(agg, "slices", f"{RELAXED}/{metric}")
         row["field_only_new_decision"] = _summary(agg, "field_only_new_decision_rate")
         rows.append(row)
-    table = pd.DataFrame(rows).sort_values(["model", "order", "layout", "K", "Q", "D"], kind="stable")
+    table = pd.DataFrame(rows).sort_values(   # R->F (the contrast) before F->R
+        ["model", "order", "layout", "K", "Q", "D"], key=lambda c: c.map({"R->F": 0, "F->R": 1}) if c.name == "order"
+        else c, kind="stable")
     return table.reset_index(drop=True), pd.concat(pairs, ignore_index=True), sources
 
 
