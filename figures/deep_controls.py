@@ -58,7 +58,7 @@ from figures.make_figures import (DEFAULT_OUT, DEFAULT_RESULTS, INK, STYLE, WONG
                                   draw_locality_panel, load_locality_record, locality_legend, locality_y_range,
                                   record_order, write_table)
 from kvnotes.records import (RecordError, load_aggregates, load_index, read_record, record_path,  # noqa: E402
-                             registered_models, repo_relative, run_command)
+                             plain_value, registered_models, repo_relative, run_command)
 
 PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"
 SANITY = "sanity check (by construction)"
@@ -681,13 +681,9 @@ def d1_probe_table(model: str, dec: Loaded) -> pd.DataFrame:
 
 def _yerr(means, los, his):
     """Error-bar lengths [[below], [above]] of means with intervals (0 where an interval is missing)."""
-    means, los, his = (list(map(_plain_float, v)) for v in (means, los, his))
+    means, los, his = (list(map(plain_value, v)) for v in (means, los, his))
     return [[m - lo if lo is not None else 0.0 for m, lo in zip(means, los)],
             [hi - m if hi is not None else 0.0 for m, hi in zip(means, his)]]
-
-
-def _plain_float(x):
-    return None if x is None or x != x else float(x)
 
 
 def _draw_probes(ax, table: pd.DataFrame) -> None:

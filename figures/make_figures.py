@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after the backend is chosen)
 
 from kvnotes.records import (MissingRecord, RecordError, load_aggregates, load_index, read_record, _require,  # noqa: E402
-                             record_path, registered_models, run_command)
+                             plain_value, record_path, registered_models, run_command)
 
 __all__ = ["RecordError", "MissingRecord", "fig3a", "main", "write_table", "output_stem", "note_missing_models"]
 
@@ -244,16 +244,6 @@ def _check_metric(rec: dict, path: Path, key: str) -> None:
         raise RecordError(f"malformed record {path}: '{where}.ci' has lo > hi: {ci!r}")
 
 
-def _none(x):
-    """A frame cell as a plain value: NA -> None, numpy scalars -> Python numbers."""
-    try:
-        if x is None or x != x:   # NaN / NA
-            return None
-    except TypeError:             # pd.NA compares to NA
-        return None
-    return x.item() if hasattr(x, "item") else x
-
-
 def load_locality_record(path: Path, metrics=FIG3A_METRICS) -> dict:
     """Read one locality record, check the shape of what Fig. 3a plots, and reduce it to {path, n_included, n_gated,
     metrics: {key: {mean, lo, hi, n}}}; the numbers come from `load_aggregates`. mean/lo/hi are None when n == 0,
@@ -273,7 +263,7 @@ def load_locality_record(path: Path, metrics=FIG3A_METRICS) -> dict:
     agg = agg[agg["key"] == ""].set_index("metric").reindex(columns=["mean", "ci_lo", "ci_hi", "n"])
     out = {}
     for key in keys:
-        mean, lo, hi, n = (_none(agg.at[key, col]) for col in agg.columns)   # cell by cell: n stays an int
+        mean, lo, hi, n = (plain_value(agg.at[key, col]) for col in agg.columns)   # cell by cell: n stays an int
         out[key] = ({"mean": None, "lo": None, "hi": None, "n": 0} if n == 0
                     else {"mean": float(mean), "lo": lo, "hi": hi, "n": n})
     return {"path": path, "n_included": n_included, "n_gated": n_gated, "metrics": out, "order": record_order(rec)}

@@ -24,8 +24,8 @@ import re
 import sys
 from pathlib import Path
 
-from kvnotes.records import (MissingRecord, RecordError, load_aggregates, load_index, record_path, repo_relative,
-                             run_command)
+from kvnotes.records import (MissingRecord, RecordError, load_aggregates, load_index, plain_value, record_path,
+                             repo_relative, run_command)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_README = REPO_ROOT / "README.md"
@@ -250,15 +250,6 @@ def _number(x, digits: int) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _plain(x):
-    try:
-        if x is None or x != x:
-            return None
-    except TypeError:   # pd.NA
-        return None
-    return x.item() if hasattr(x, "item") else x
-
-
 def block_rows(spec: dict, results: Path) -> tuple[list[dict], list[dict]]:
     """The numbers of one block, one dict per (record, row), and the records' index rows."""
     rows, sources = [], []
@@ -271,14 +262,14 @@ def block_rows(spec: dict, results: Path) -> tuple[list[dict], list[dict]]:
             raise MissingRecord(f"missing record {path} (run: {cmd})", cmd)
         agg = load_aggregates(path)
         index = load_index(path).iloc[0]
-        sources.append({"path": repo_relative(str(path)), "git_sha": _plain(index["git_sha"]),
-                        "n_scenarios": _plain(index.get("n_scenarios"))})
+        sources.append({"path": repo_relative(str(path)), "git_sha": plain_value(index["git_sha"]),
+                        "n_scenarios": plain_value(index.get("n_scenarios"))})
         for row in map(_row_spec, spec["rows"]):
             hit = agg[(agg["metric"] == row["metric"]) & (agg["key"] == row["key"])]
             if hit.empty:
                 where = row["metric"] + (f"/{row['key']}" if row["key"] else "")
                 raise RecordError(f"record {path} has no aggregate '{where}' (block rows name it)")
-            s = {k: _plain(v) for k, v in hit.iloc[0].items()}
+            s = {k: plain_value(v) for k, v in hit.iloc[0].items()}
             rows.append({"model": shown, "label": row["label"], "value": s.get(row["value"]),
                          "lo": s.get(row["lo"]), "hi": s.get(row["hi"]), "n": s.get("n"), "k": s.get("k"),
                          "n_scenarios": s["n_clusters"] if s.get("n_clusters") is not None
@@ -380,8 +371,8 @@ def render_block(block_id: str, spec: dict, results: Path) -> str:
         body = "; ".join(parts) + "."
     else:
         warn = any(r["warning"] for r in rows)
-        head = ([spec.get("record_column", "model")] if several else []) + ["quantity", "value", "95 % CI", "n", "scenarios"] + \
-            (["warning"] if warn else [])
+        head = ([spec.get("record_column", "model")] if several else []) + \
+            ["quantity", "value", "95 % CI", "n", "scenarios"] + (["warning"] if warn else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = ([r["model"]] if several else []) + [r["label"], _number(r["value"], digits), ci(r), n(r),

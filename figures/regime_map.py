@@ -206,17 +206,20 @@ def boundary(reg: dict, pairs: pd.DataFrame, threshold: float = BOUNDARY) -> lis
         return []
     model, y, domains = reg["_design"]
     spec = model.data.model_spec
-    out = []
     ds = sorted(set(pairs["D"]))
-    for (layout, q, k), _ in pairs.groupby(["layout", "Q", "K"]):
-        grid = pd.DataFrame({"layout": layout, "Q": q, "K": k, "D": ds, "x": np.log1p(ds), "y": 0.0})
-        if hasattr(spec, "get_model_matrix"):   # statsmodels' formula engine: formulaic ...
-            rows = np.asarray(spec.get_model_matrix(grid))
-        else:                                   # ... or patsy (its DesignInfo)
-            import patsy
-            rows = np.asarray(patsy.build_design_matrices([spec], grid)[0])
-        pred = cluster_robust_ols(model.exog, y, domains, contrasts=rows)["contrasts"]
-        points = [{"D": int(d), "fitted": c["estimate"], "ci": c["ci"], "df": c["df"]} for d, c in zip(ds, pred)]
+    cells = list(pairs.groupby(["layout", "Q", "K"]).groups)
+    grid = pd.DataFrame([{"layout": layout, "Q": q, "K": k, "D": d, "x": np.log1p(d), "y": 0.0}
+                         for layout, q, k in cells for d in ds])
+    if hasattr(spec, "get_model_matrix"):   # statsmodels' formula engine: formulaic ...
+        rows = np.asarray(spec.get_model_matrix(grid))
+    else:                                   # ... or patsy (its DesignInfo)
+        import patsy
+        rows = np.asarray(patsy.build_design_matrices([spec], grid)[0])
+    pred = cluster_robust_ols(model.exog, y, domains, contrasts=rows)["contrasts"]   # one fit, every fitted value
+    out = []
+    for i, (layout, q, k) in enumerate(cells):
+        points = [{"D": int(d), "fitted": c["estimate"], "ci": c["ci"], "df": c["df"]}
+                  for d, c in zip(ds, pred[i * len(ds):(i + 1) * len(ds)])]
         below = [p["D"] for p in points if p["fitted"] < threshold]
         surely = [p["D"] for p in points if p["ci"][1] < threshold]
         out.append({"layout": layout, "Q": q, "K": int(k), "threshold": threshold, "points": points,
@@ -284,7 +287,7 @@ def phase_figure(table: pd.DataFrame) -> Figure:
                 ax.set_title(f"{layout} ({order}), Q {q}", fontsize=7.5)
                 if j == 0:
                     ax.set_ylabel("field-only recovery")
-        handles, labels = {}, []
+        handles = {}
         for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)

@@ -37,6 +37,16 @@ SCHEMA_VERSION = 1
 PACKAGES = ("torch", "transformers", "accelerate", "gguf", "transformer-lens", "nnsight", "hydra-core", "numpy")
 
 
+def plain_value(x):
+    """A frame cell as a plain value: NaN / NA -> None, numpy scalars -> Python numbers (for JSON and drawing)."""
+    try:
+        if x is None or x != x:   # NaN / NA
+            return None
+    except TypeError:             # pd.NA compares to NA
+        return None
+    return x.item() if hasattr(x, "item") else x
+
+
 def repo_relative(path) -> str:
     """`path` relative to the repository root when it lies inside it (for tables and READMEs that must not name this
     machine's directories), else as given."""

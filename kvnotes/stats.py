@@ -24,8 +24,9 @@ What comes from libraries and what is hand-written:
   design-effect Wilson interval for clustered proportions, the two-stage
   (scenario, then pair) cluster bootstrap kept for comparison, and the
   per-pair random-draw null of an across-pair mean, and the same CR2 / IK df
-  for a linear regression's coefficients and contrasts (``cluster_robust_ols``). ``wilson()`` also stays
-  hand-written (tests pin it; it is cross-checked against statsmodels).
+  for a linear regression's coefficients and contrasts (``cluster_robust_ols``).
+  ``wilson()`` also stays hand-written (tests pin it; it is cross-checked
+  against statsmodels).
 
 All returned numbers are plain Python floats/ints (or None) so that summaries
 can be written straight to JSON.

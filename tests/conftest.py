@@ -24,11 +24,10 @@ TINY_MODELS = ["tiny-llama", "tiny-qwen2", "tiny-gemma3"]
 def assert_write_minus_commit(agg: dict, commit: dict, n_layers: int, anchors) -> None:
     """A decodability record's write - commit per anchor is its write depth minus the mean commit depth, or None with
     a note saying it is undefined (no write layer, or no arm commits)."""
-    from pytest import approx
     for anchor in anchors:
         w, wmc = agg["write_depth"][anchor], agg["write_minus_commit"][anchor]
         if w["layer"] is not None and commit["n_committed"]:
-            assert wmc["depth"] == approx(w["layer"] / n_layers - commit["depth"]["mean"])
+            assert wmc["depth"] == pytest.approx(w["layer"] / n_layers - commit["depth"]["mean"])
         else:
             assert wmc["depth"] is None and "undefined" in wmc["note"]
 
