@@ -126,11 +126,23 @@ class Probe:
         return self.spec.name
 
 
+PACKAGES = ("probes", "circuits")   # where probe modules live: the KV-cache probes, the component-level circuit ones
+
+
 def load_probe(name: str) -> Probe:
-    """Import probes.<name> and bind its functions to its CONTRACT; a ProbeContractError if they do not match."""
-    module = importlib.import_module(f"probes.{name}")
+    """Import probes.<name> (or circuits.<name>) and bind its functions to its CONTRACT; a ProbeContractError if they
+    do not match, a ProbeConfigError naming both places if neither has it."""
+    for package in PACKAGES:
+        try:
+            module = importlib.import_module(f"{package}.{name}")
+            break
+        except ModuleNotFoundError as e:
+            if e.name != f"{package}.{name}":
+                raise
+    else:
+        raise ProbeConfigError(f"no probe {name!r}: neither probes/{name}.py nor circuits/{name}.py exists")
     spec = getattr(module, "CONTRACT", None)
-    where = f"probes/{name}.py"
+    where = f"{package}/{name}.py"
     if not isinstance(spec, ProbeSpec):
         raise ProbeContractError(f"{where} declares no CONTRACT = ProbeSpec(...) (see probes/base.py)")
     if spec.name != name:
