@@ -147,6 +147,13 @@ BLOCKS: dict[str, dict] = {
         "command": "python run.py -m experiment=regime_map; python -m figures.regime_map",
         "where": {"K": 1, "Q": "last"}, "columns": ("order", "layout", "D"),
     },
+    "regime-map-qwen2.5-coder-0.5b": {
+        "shows": "step 5 map: per cell (order/layout x D, question last, one gate), flips and recoveries on the 0.5B",
+        "kind": "regime", "file": "regime_map/diverse_all-map.json", "model": "qwen2.5-coder-0.5b",
+        "command": "python run.py -m experiment=regime_map model=qwen2.5-coder-0.5b scenario.params.question=last; "
+                   "python -m figures.regime_map",
+        "where": {"K": 1, "Q": "last"}, "columns": ("order", "layout", "D"),
+    },
     "locality-qwen2.5-coder-0.5b-diverse": {
         "shows": "Fig. 3a numbers on the 0.5B, diverse",
         "records": [("locality", "qwen2.5-coder-0.5b", "diverse")],
@@ -330,7 +337,9 @@ def render_regime(block_id: str, spec: dict, results: Path) -> str:
         keys = {(c["layout"], c["Q"], c["K"]) for c in cells}
         said = []
         for b in rec["models"][spec["model"]]["boundary"]["included"]:
-            if (b["layout"], b["Q"], b["K"]) in keys:
+            if (b["layout"], b["Q"], b["K"]) in keys and b.get("not_fitted"):
+                said.append(f"{b['layout']}, Q {b['Q']}: not fitted (no pair of it passes the inclusion rule)")
+            elif (b["layout"], b["Q"], b["K"]) in keys:
                 first = b["first_D_fitted_below"]
                 said.append(f"{b['layout']}, Q {b['Q']}: "
                             + ("never below " + str(b["threshold"]) if first is None else

@@ -207,7 +207,9 @@ def boundary(reg: dict, pairs: pd.DataFrame, threshold: float = BOUNDARY) -> lis
     model, y, domains = reg["_design"]
     spec = model.data.model_spec
     ds = sorted(set(pairs["D"]))
-    cells = list(pairs.groupby(["layout", "Q", "K"]).groups)
+    fitted = model.data.frame        # the rows the regression used: a layout none of whose pairs count has no level
+    cells = list(fitted.groupby(["layout", "Q", "K"]).groups)
+    missing = [c for c in pairs.groupby(["layout", "Q", "K"]).groups if c not in set(cells)]
     grid = pd.DataFrame([{"layout": layout, "Q": q, "K": k, "D": d, "x": np.log1p(d), "y": 0.0}
                          for layout, q, k in cells for d in ds])
     if hasattr(spec, "get_model_matrix"):   # statsmodels' formula engine: formulaic ...
@@ -225,6 +227,9 @@ def boundary(reg: dict, pairs: pd.DataFrame, threshold: float = BOUNDARY) -> lis
         out.append({"layout": layout, "Q": q, "K": int(k), "threshold": threshold, "points": points,
                     "first_D_fitted_below": below[0] if below else None,
                     "first_D_ci_below": surely[0] if surely else None})
+    for layout, q, k in missing:
+        out.append({"layout": layout, "Q": q, "K": int(k), "threshold": threshold, "points": [],
+                    "not_fitted": "no pair of this layout in the regression's rows (none passes its inclusion)"})
     return out
 
 
@@ -244,15 +249,22 @@ def flat_table(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+YLIM = (-0.5, 1.3)
+
+
 def phase_figure(table: pd.DataFrame) -> Figure:
     """Field-only recovery per cell with its CI: on the included pairs (solid, n annotated) and on every gated pair
     with |delta m| >= 0.5 (dashed, hollow, nudged right); columns = layouts (R->F first), rows = Q, one colour per
-    model over D (log(1 + D) axis); the 0.2 boundary dashed grey."""
+    model over D (log(1 + D) axis); the 0.2 boundary dashed grey. The y axis spans YLIM (widened to show every mean): an interval beyond it
+    (a cell of 1-3 pairs) is cut there and marked with an arrowhead; a model with no included pair in any cell of a
+    layout is named in that panel."""
     import matplotlib as mpl
     layouts = list(dict.fromkeys(table.sort_values(["order"], key=lambda s: s != "R->F", kind="stable")["layout"]))
     qs = [q for q in ("last", "first") if q in set(table["Q"])]
     models = list(dict.fromkeys(table["model"]))
     colors = [WONG[c] for c in ("blue", "orange", "green", "red", "purple", "sky")]
+    means = [c["mean"] for col in ("field_only", f"field_only/{RELAXED}") for c in table[col] if c["mean"] is not None]
+    ylim = (min([YLIM[0]] + [m - 0.1 for m in means]), max([YLIM[1]] + [m + 0.1 for m in means]))  # every mean shows
     with mpl.rc_context(STYLE):
         fig = Figure(figsize=(2.3 * len(layouts) + 0.6, 2.2 * len(qs) + 0.7))
         axes = fig.subplots(len(qs), len(layouts), squeeze=False, sharey=True)
@@ -273,12 +285,25 @@ def phase_figure(table: pd.DataFrame) -> Figure:
                         y = np.array([c["mean"] for c in s[col]])
                         lo = np.array([c["lo"] if c["lo"] is not None else c["mean"] for c in s[col]])
                         hi = np.array([c["hi"] if c["hi"] is not None else c["mean"] for c in s[col]])
-                        ax.errorbar(x, y, yerr=[y - lo, hi - y], color=colors[m % len(colors)], ms=3, lw=1.0,
-                                    capsize=2, label=label, **style)
+                        c = colors[m % len(colors)]
+                        clo, chi = np.clip(lo, *ylim), np.clip(hi, *ylim)
+                        ax.errorbar(x, y, yerr=[y - clo, chi - y], color=c, ms=3, lw=1.0, capsize=2, label=label,
+                                    **style)
+                        for xi, cut_lo, cut_hi in zip(x, lo < ylim[0], hi > ylim[1]):   # CI beyond the axis
+                            if cut_lo:
+                                ax.plot(xi, ylim[0], marker="v", color=c, ms=3.5, clip_on=False)
+                            if cut_hi:
+                                ax.plot(xi, ylim[1], marker="^", color=c, ms=3.5, clip_on=False)
                         if col == "field_only":
                             for xi, yi, n in zip(x, y, s["n_included"]):
                                 ax.annotate(f"n={n}", (xi, yi), textcoords="offset points", xytext=(3, 4),
                                             fontsize=6, color=INK)
+                for m, model in enumerate(models):     # a model none of whose pairs count in this layout
+                    s = sub[sub["model"] == model]
+                    if len(s) and (s["n_included"] == 0).all():
+                        ax.text(0.03, 0.03 + 0.08 * m, f"{model}: 0 included in {len(s)} cells", fontsize=5.5,
+                                color=colors[m % len(colors)], transform=ax.transAxes)
+                ax.set_ylim(*ylim)
                 ax.axhline(BOUNDARY, color=WONG["grey"], ls="--", lw=0.8)
                 ax.axhline(0, color=INK, lw=0.6)
                 ds = sorted(set(table["D"]))
@@ -291,9 +316,9 @@ def phase_figure(table: pd.DataFrame) -> Figure:
         for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
-        fig.tight_layout(rect=(0, 0.16, 1, 1))
-        fig.supxlabel("D: unique filler lines between the field and the next block (log(1 + D) axis)", fontsize=8,
-                      y=0.09)
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
+        fig.supxlabel("D: unique filler lines between the field and the next block (log(1 + D) axis); CIs beyond "
+                      f"[{ylim[0]:.1f}, {ylim[1]:.1f}] end in an arrowhead", fontsize=7.5, y=0.13)
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=6.5, frameon=False)
     return fig
 
