@@ -32,18 +32,18 @@ import time
 import torch
 from scipy.stats import spearmanr
 
-from kvnotes.engine import Splice, SpliceEngine, unembed
+from circuits.common import note_positions
+from kvnotes.engine import unembed
 from kvnotes.heads import HeadPatchEngine, HeadSet
 from kvnotes.interventions import Capture, NNsightBackend
-from kvnotes.readout import candidate_tokens, choose_readout
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
 from probes.common import (Split, boot_args, end_states, exclusion_reasons, margins, pair_row, prefill_pair,
-                           readout_key, state_logits)
+                           readout_key)
 
 CONTRACT = ProbeSpec(
     name="heads", paper_refs=("§4.1", "§4.2", "Fig15a", "tab:circuit"),
-    options={"batch_size": 64, "n_notes": 4, "n_null": 200, "n_null_write": 100, "null_seed": 0},
+    options={"batch_size": 64, "n_notes": 4, "n_null": 200, "n_null_write": 50, "null_seed": 0},
     measure_options=("batch_size", "n_notes"),
     second_pass=True,
     not_reanalysable="its rows keep recoveries, not the candidate-token logits of pass 2's joint sets")
@@ -88,27 +88,12 @@ def _dla(lm, nns, pair, z_clean, token_ids) -> tuple[torch.Tensor, bool]:
 def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4) -> dict:
     t0 = time.time()
     token_ids = sorted(set(int(t) for t in token_ids))
-    model, inst = lm.model, pair.instance
+    model = lm.model
     stale, oracle, last = prefill_pair(model, pair)
     states = end_states(model, stale, oracle, last, token_ids)
     a, b = pair.span
     d = pair.dpos
-    down = list(range(b, d))
-    if not down:
-        raise ValueError(f"{inst.id}: no downstream positions between the field and the decision token; the heads "
-                         "probe needs note positions")
-    splices = SpliceEngine(model, stale, oracle, last, chunk_size=256).run([Splice((p,)) for p in down],
-                                                                             tokens=token_ids)
-    # note positions, ranked with a readout chosen on this pair's own unpatched states
-    cands = candidate_tokens(lm.tokenizer, list(inst.candidates))
-    ro = choose_readout(cands, inst.safe, inst.unsafe, [(state_logits({"states": states}, s), states[s]["lse"])
-                                                        for s in ("stale", "oracle")])
-    idx = {t: i for i, t in enumerate(token_ids)}
-    m = splices[:, idx[ro.safe_id]] - splices[:, idx[ro.unsafe_id]]
-    m_old = ro.margin(state_logits({"states": states}, "stale"))
-    m_new = ro.margin(state_logits({"states": states}, "oracle"))
-    score = (m - m_old) / (m_new - m_old) if m_new != m_old else (m - m_old).abs()
-    notes = [down[i] for i in sorted(range(len(down)), key=lambda i: (-float(score[i]), -down[i]))[:n_notes]]
+    notes, splice_rows, notes_readout = note_positions(lm, pair, stale, oracle, last, states, token_ids, n_notes)
 
     nns, z = _clean_z(lm, pair)
     L, H = nns.n_layers, nns.n_heads
@@ -122,8 +107,8 @@ def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4) -> dict
     pat = nns.run(pair.new_ids, captures=[Capture("pattern", li) for li in range(L)]).acts
     attn_notes = torch.stack([pat[Capture("pattern", li)][:, d, notes].sum(-1) for li in range(L)])   # [L, H]
     attn_field = torch.stack([pat[Capture("pattern", li)][:, notes[0], a:b].sum(-1) for li in range(L)])
-    return {"states": states, "token_ids": token_ids, "n_layers": L, "n_heads": H, "down": down,
-            "splice_rows": splices.tolist(), "notes": notes, "notes_readout": [ro.safe_id, ro.unsafe_id],
+    return {"states": states, "token_ids": token_ids, "n_layers": L, "n_heads": H, "down": list(range(b, d)),
+            "splice_rows": splice_rows, "notes": notes, "notes_readout": notes_readout,
             **{f"rows_{k}": v for k, v in rows.items()}, "dla": dla.tolist(), "dla_exact_path": exact,
             "attn_decision_to_notes": attn_notes.flatten().tolist(), "attn_note_to_field": attn_field.flatten().tolist(),
             "seconds": round(time.time() - t0, 3)}
