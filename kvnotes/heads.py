@@ -1,4 +1,5 @@
-"""Batched head output patching: many sets of query-head patches of one prompt, recomputing only the suffix.
+"""Batched head output patching (and residual additions): many patched runs of one prompt, recomputing only the
+suffix.
 
 The circuit probes (paper_spec §4.1, §4.2) patch one query head's output z at a time, each in a full forward of the
 whole prompt. That is wasteful twice over. A read-head patch acts at the decision token, so everything before it is
@@ -11,7 +12,8 @@ shared. Here the prefix `ids[:start]` is prefilled once and its K/V kept; each p
   `AttentionInterface` (sliding windows and soft-caps as the model declares them);
 * a set's row joins the batch at its first patched layer, as a copy of the unpatched row 0 there (as in
   `kvnotes.engine`), so the layers before a patch are computed once, not B times;
-* a forward pre-hook on each `o_proj` writes the patched heads' z into their rows.
+* a forward pre-hook on each `o_proj` writes the patched heads' z into their rows, and a forward hook on a decoder
+  layer adds the residual vectors of the rows that add one there (the direction probes' sufficiency / necessity).
 
 Semantics are exactly those of `kvnotes.interventions.HeadPatch` in a full forward (the tests compare against the
 nnsight backend on every tiny architecture). Why hand-written: neither nnsight nor TransformerLens shares a prefix
@@ -30,22 +32,45 @@ from kvnotes.engine import _layer_kv, unembed
 ATTN_NAME = "kvnotes_prefix"
 
 
+_EMPTY = torch.empty(0, dtype=torch.long)
+
+
 @dataclass(frozen=True, eq=False)
 class HeadSet:
-    """One patched run: query heads `heads[i] = (layer, head)` get z = `values[i]` [d_head] at position
-    `positions[i]` (absolute). Build from (layer, head, position, value) tuples with `HeadSet.of`."""
+    """One patched run: query heads `(layers[i], heads[i])` get z = `values[i]` [d_head] at position `positions[i]`
+    (absolute); and `add_vectors[j]` [d_model] is added to the residual stream after decoder layer `add_layers[j]`
+    at position `add_positions[j]` (`kvnotes.interventions.ResidAdd`). Build with `HeadSet.of(patches, adds)` from
+    (layer, head, position, value) and (layer, position, vector) tuples."""
     layers: torch.Tensor       # [n] long
     heads: torch.Tensor        # [n] long
     positions: torch.Tensor    # [n] long
     values: torch.Tensor       # [n, d_head]
+    add_layers: torch.Tensor = _EMPTY        # [m] long
+    add_positions: torch.Tensor = _EMPTY     # [m] long
+    add_vectors: torch.Tensor = torch.empty(0, 0)   # [m, d_model]
 
     @classmethod
-    def of(cls, patches: Sequence[tuple[int, int, int, torch.Tensor]]) -> "HeadSet":
-        if not patches:
-            return cls(*(torch.empty(0, dtype=torch.long),) * 3, torch.empty(0, 0))
-        layers, heads, positions, values = zip(*patches)
-        return cls(torch.as_tensor(layers, dtype=torch.long), torch.as_tensor(heads, dtype=torch.long),
-                   torch.as_tensor(positions, dtype=torch.long), torch.stack([torch.as_tensor(v) for v in values]))
+    def of(cls, patches: Sequence[tuple[int, int, int, torch.Tensor]] = (),
+           adds: Sequence[tuple[int, int, torch.Tensor]] = ()) -> "HeadSet":
+        if patches:
+            layers, heads, positions, values = zip(*patches)
+            head_part = (torch.as_tensor(layers, dtype=torch.long), torch.as_tensor(heads, dtype=torch.long),
+                         torch.as_tensor(positions, dtype=torch.long), torch.stack([torch.as_tensor(v) for v in values]))
+        else:
+            head_part = (_EMPTY, _EMPTY, _EMPTY, torch.empty(0, 0))
+        if adds:
+            al, ap, av = zip(*adds)
+            add_part = (torch.as_tensor(al, dtype=torch.long), torch.as_tensor(ap, dtype=torch.long),
+                        torch.stack([torch.as_tensor(v) for v in av]))
+        else:
+            add_part = (_EMPTY, _EMPTY, torch.empty(0, 0))
+        return cls(*head_part, *add_part)
+
+    @property
+    def first_layer(self) -> int | None:
+        """The first layer this set edits (None: it edits nothing)."""
+        firsts = [int(t.min()) for t in (self.layers, self.add_layers) if len(t)]
+        return min(firsts) if firsts else None
 
 
 class _Context:
@@ -116,10 +141,20 @@ class HeadPatchEngine:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.n_layers, self.n_heads = int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
         self.d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.d_model = int(cfg.hidden_size)
         self.keys, self.values, self.offsets = _layer_kv(kv.prefill(model, ids[:start]))
         self.rows_by_layer_run = torch.zeros(self.n_layers, dtype=torch.long)      # work counter, for benchmarks
 
     def _check(self, s: HeadSet) -> None:
+        if len(s.add_layers):
+            if int(s.add_positions.min()) < self.start or int(s.add_positions.max()) >= self.ids.numel():
+                raise ValueError(f"added positions {s.add_positions.tolist()} must lie in [{self.start}, "
+                                 f"{self.ids.numel()}): this engine recomputes only from start={self.start}")
+            if int(s.add_layers.min()) < 0 or int(s.add_layers.max()) >= self.n_layers:
+                raise ValueError(f"add layers {s.add_layers.tolist()} outside [0, {self.n_layers})")
+            if s.add_vectors.shape != (len(s.add_layers), self.d_model):
+                raise ValueError(f"add_vectors must be [n_adds={len(s.add_layers)}, d_model={self.d_model}]; got "
+                                 f"{tuple(s.add_vectors.shape)}")
         if len(s.layers) == 0:
             return
         if int(s.positions.min()) < self.start or int(s.positions.max()) >= self.ids.numel():
@@ -135,7 +170,7 @@ class HeadPatchEngine:
 
     def _forward(self, sets: Sequence[HeadSet], tokens):
         n = len(sets)
-        first = torch.tensor([int(s.layers.min()) if len(s.layers) else self.n_layers for s in sets])
+        first = torch.tensor([self.n_layers if s.first_layer is None else s.first_layer for s in sets])
         order = torch.argsort(first, stable=True)
         order = order[first[order] < self.n_layers]
         row_of = torch.zeros(n, dtype=torch.long)          # sets with no patch read row 0 (the unpatched run)
@@ -151,6 +186,13 @@ class HeadPatchEngine:
                 per_layer.setdefault(li, []).append((torch.full((int(sel.sum()),), int(row_of[i])), s.heads[sel],
                                                      s.positions[sel] - self.start, s.values[sel]))
         per_layer = {li: tuple(torch.cat(x) for x in zip(*parts)) for li, parts in per_layer.items()}
+        adds: dict[int, list] = {}      # per layer: (row, suffix position, vector) of every residual addition there
+        for i, s in enumerate(sets):
+            for li in s.add_layers.unique().tolist():
+                sel = s.add_layers == li
+                adds.setdefault(li, []).append((torch.full((int(sel.sum()),), int(row_of[i])),
+                                                s.add_positions[sel] - self.start, s.add_vectors[sel]))
+        adds = {li: tuple(torch.cat(x) for x in zip(*parts)) for li, parts in adds.items()}
         dh = self.d_head
 
         def join(li):
@@ -173,10 +215,20 @@ class HeadPatchEngine:
                 return (z, *args[1:])
             return hook
 
+        def add(li):
+            rows, pos, vecs = adds[li]
+
+            def hook(module, args, output):
+                h = output[0] if isinstance(output, tuple) else output
+                h = h.index_put((rows, pos), vecs.to(h.dtype), accumulate=True)
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+            return hook
+
         layers = self.decoder.layers[:self.n_layers]
         handles = [layers[li].register_forward_pre_hook(join(li), with_kwargs=True)
                    for li in range(self.n_layers) if joiners[li]]
         handles += [layers[li].self_attn.o_proj.register_forward_pre_hook(patch(li)) for li in per_layer]
+        handles += [layers[li].register_forward_hook(add(li)) for li in adds]
         suffix = self.ids[self.start:][None]
         position_ids = torch.arange(self.start, self.ids.numel())[None]
         _ACTIVE.append(_Context(self.keys, self.values, self.offsets, self.start))

@@ -93,3 +93,29 @@ def test_bad_patches_are_refused(setup):
         eng.run([HeadSet.of([(0, 99, d, z[0][d, 0])])])
     with pytest.raises(ValueError, match="start must"):
         HeadPatchEngine(lm.model, pair.old_ids, start=0)
+
+
+def test_residual_additions_equal_full_forward_resid_add(setup):
+    """Sets adding vectors to the residual after a layer (alone, several positions, with a head patch) against
+    `ResidAdd` / `HeadPatch` in a full nnsight forward."""
+    from kvnotes.interventions import ResidAdd
+    lm, pair, nns, z = setup
+    ids, d = pair.old_ids, pair.dpos
+    start = pair.span[1]
+    D = lm.model.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    vec = lambda: torch.randn(D, generator=g)   # noqa: E731
+    specs = [([], [(0, start, vec())]),
+             ([], [(nns.n_layers - 1, d, vec()), (0, start + 1, vec()), (0, d, vec())]),
+             ([(1, 0, d, z[1][d, 0] + 1.0)], [(0, start, vec())]),
+             ([], [])]
+    eng = HeadPatchEngine(lm.model, ids, start=start, chunk_size=3)
+    got = eng.run([HeadSet.of(p, a) for p, a in specs])
+    for i, (patches, adds) in enumerate(specs):
+        ivs = [HeadPatch(li, h, [p], v[None]) for li, h, p, v in patches]
+        ivs += [ResidAdd(li, [p], v[None]) for li, p, v in adds]
+        ref = nns.run(ids, ivs).logits[-1]
+        assert max_abs(got[i], ref) <= TOL, f"set {i}: {max_abs(got[i], ref):.3g}"
+    assert max_abs(got[0], got[3]) > 1e-3          # the addition moves the logits
+    with pytest.raises(ValueError, match="add_vectors"):
+        eng.run([HeadSet.of([], [(0, start, torch.zeros(3))])])
