@@ -1,0 +1,284 @@
+"""Step 7, the component-level circuit (paper_spec §4, §6.5, §7.5): Fig. 15 and `tab:circuit` from the circuit
+probes' records only, with the paper's numbers beside ours (figures/paper_numbers.yaml, never typed here).
+
+    python -m figures.circuit [--results DIR] [--out DIR] [--models a,b]
+
+Reads, per model, every record of the circuit probes (kvnotes.records.load_aggregates / load_index):
+  heads/<m>/*.json        (a) read / write1 / writeN: joint top-k recovery, cross-fitted (solid) and in-sample
+                          (dashed), against the joint random-k null band (2.5-97.5 % of the null means)
+  direction/<m>/*.json    (b) per layer: DoM along, logistic-probe along, the norm-matched random null band, and the
+                          full difference (the layer's ceiling)
+  components/<m>/*.json   (c) per readout layer T: attention and MLP shares of the write at the top-1 note
+  (d) causal scrubbing is not built yet: the figure says so instead of drawing an empty panel.
+Each record is one layout of the step-5 map (its tag names it; R->F / F->R from the layout), drawn in its own colour.
+
+Writes (under --out, default figures/): fig15_circuit_<model>.png/.pdf with a .csv / .md of exactly the plotted
+numbers, and tab_circuit.{csv,md,tex}: one row per model x layout x quantity, the paper's value per paper model in
+columns of their own where the quantity has one. A model without any circuit record is named with the command that
+makes them; nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from figures.fig3 import _save  # noqa: E402
+from figures.make_figures import DEFAULT_OUT, DEFAULT_RESULTS, STYLE, WONG, _parse_list, write_table  # noqa: E402
+from kvnotes.records import load_aggregates, load_index  # noqa: E402
+
+PROBES = ("heads", "direction", "components")
+PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"
+COMMAND = "python run.py -m experiment=circuit model={model}"
+R_TO_F = ("rule_first", "rule_first_user")
+
+
+def layout_of(tag) -> str:
+    """The map layout a circuit record ran on, from its tag (map-<layout>-D..-Q..-K..)."""
+    if isinstance(tag, str) and tag.startswith("map-"):
+        return tag[4:].split("-D")[0]
+    return str(tag)
+
+
+def order_of(layout: str) -> str:
+    return "R->F" if layout in R_TO_F else "F->R"
+
+
+def frames(results: Path, models: list[str] | None) -> pd.DataFrame:
+    """Every circuit record's aggregates, with a `layout` column."""
+    parts = []
+    for probe in PROBES:
+        try:
+            a = load_aggregates(results, probe=probe)
+        except FileNotFoundError:
+            continue
+        if len(a):
+            parts.append(a)
+    if not parts:
+        return pd.DataFrame()
+    agg = pd.concat(parts, ignore_index=True)
+    if models:
+        agg = agg[agg["model"].isin(models)]
+    return agg.assign(layout=agg["tag"].map(layout_of))
+
+
+def _get(agg: pd.DataFrame, probe: str, layout: str, metric: str, key: str, col: str = "mean"):
+    rows = agg[(agg["probe"] == probe) & (agg["layout"] == layout) & (agg["metric"] == metric) & (agg["key"] == key)]
+    if rows.empty or col not in rows or pd.isna(rows.iloc[0][col]):
+        return None
+    return float(rows.iloc[0][col])
+
+
+def plotted(agg: pd.DataFrame, model: str) -> pd.DataFrame:
+    """The numbers Fig. 15 plots for `model`: one row per (panel, layout, series, x)."""
+    sub = agg[agg["model"] == model]
+    rows = []
+    for layout in sorted(set(sub["layout"])):
+        for sweep in ("read", "write1", "writeN"):
+            for k in ("1", "2", "3", "5", "8", "12", "20"):
+                for series, key in (("cross-fitted", f"cum_cf/{k}"), ("in-sample", f"cum_in/{k}")):
+                    m = _get(sub, "heads", layout, sweep, key)
+                    if m is not None:
+                        rows.append({"panel": "a", "layout": layout, "series": f"{sweep} {series}", "x": int(k),
+                                     "mean": m, "lo": _get(sub, "heads", layout, sweep, key, "ci_lo"),
+                                     "hi": _get(sub, "heads", layout, sweep, key, "ci_hi"),
+                                     "n": _get(sub, "heads", layout, sweep, key, "n")})
+                lo, hi = (_get(sub, "heads", layout, sweep, f"null/{k}", q) for q in ("lo", "hi"))
+                if lo is not None:
+                    rows.append({"panel": "a", "layout": layout, "series": f"{sweep} random-k null", "x": int(k),
+                                 "mean": _get(sub, "heads", layout, sweep, f"null/{k}", "median"), "lo": lo, "hi": hi})
+        d = sub[(sub["probe"] == "direction") & (sub["layout"] == layout)]
+        for li in sorted(set(d["metric"]), key=int):
+            for series in ("along_dm", "along_probe", "full", "necessity_dm"):
+                m = _get(sub, "direction", layout, li, series)
+                if m is not None:
+                    rows.append({"panel": "b", "layout": layout, "series": series, "x": int(li), "mean": m,
+                                 "lo": _get(sub, "direction", layout, li, series, "ci_lo"),
+                                 "hi": _get(sub, "direction", layout, li, series, "ci_hi"),
+                                 "n": _get(sub, "direction", layout, li, series, "n")})
+            lo = _get(sub, "direction", layout, li, "random_null", "lo")
+            if lo is not None:
+                rows.append({"panel": "b", "layout": layout, "series": "random (norm-matched) null", "x": int(li),
+                             "mean": _get(sub, "direction", layout, li, "random_null", "median"), "lo": lo,
+                             "hi": _get(sub, "direction", layout, li, "random_null", "hi")})
+        c = sub[(sub["probe"] == "components") & (sub["layout"] == layout)]
+        for T in sorted(set(c["metric"]), key=int):
+            for series in ("attn_share", "mlp_share"):
+                m = _get(sub, "components", layout, T, series)
+                if m is not None:
+                    rows.append({"panel": "c", "layout": layout, "series": series, "x": int(T), "mean": m,
+                                 "lo": _get(sub, "components", layout, T, series, "ci_lo"),
+                                 "hi": _get(sub, "components", layout, T, series, "ci_hi"),
+                                 "n": _get(sub, "components", layout, T, series, "n")})
+    return pd.DataFrame(rows, columns=["panel", "layout", "series", "x", "mean", "lo", "hi", "n"])
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=5.5, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no record", ha="center", va="center", transform=ax.transAxes, fontsize=7)
+
+
+def figure(table: pd.DataFrame, model: str) -> Figure:
+    import matplotlib as mpl
+    layouts = sorted(set(table["layout"]), key=lambda x: (order_of(x) != "F->R", x))
+    colours = dict(zip(layouts, [WONG[c] for c in ("orange", "blue", "green", "red", "purple", "sky")]))
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(11.0, 3.2))
+        axes = fig.subplots(1, 4)
+        ax = axes[0]
+        for layout in layouts:
+            for sweep, ls in (("read", "-"), ("writeN", ":")):
+                s = table[(table["panel"] == "a") & (table["layout"] == layout)]
+                band = s[s["series"] == f"{sweep} random-k null"]
+                if len(band):
+                    ax.fill_between(band["x"], band["lo"], band["hi"], color=colours[layout], alpha=0.12, lw=0)
+                cf = s[s["series"] == f"{sweep} cross-fitted"]
+                if len(cf):
+                    ax.plot(cf["x"], cf["mean"], ls=ls, marker="o", ms=2.5, color=colours[layout],
+                            label=f"{layout} ({order_of(layout)}) {sweep}")
+        ax.set(xscale="log", xlabel="k heads patched jointly", ylabel="recovery", title="(a) read / write heads")
+        ks = sorted(set(table[table["panel"] == "a"]["x"]))
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.axhline(0, color=WONG["grey"], lw=0.6)
+        _legend(ax)
+        ax = axes[1]
+        for layout in layouts:
+            s = table[(table["panel"] == "b") & (table["layout"] == layout)]
+            band = s[s["series"] == "random (norm-matched) null"]
+            if len(band):
+                ax.fill_between(band["x"], band["lo"], band["hi"], color=colours[layout], alpha=0.12, lw=0)
+            for series, ls in (("along_dm", "-"), ("along_probe", "--"), ("full", ":")):
+                p = s[s["series"] == series]
+                if len(p):
+                    ax.plot(p["x"], p["mean"], ls=ls, marker="o", ms=2.5, color=colours[layout],
+                            label=f"{layout} {series}")
+        ax.set(xlabel="layer", ylabel="recovery", title="(b) conclusion direction vs random")
+        ax.axhline(0, color=WONG["grey"], lw=0.6)
+        _legend(ax)
+        ax = axes[2]
+        width = 0.8 / max(len(layouts), 1)
+        for i, layout in enumerate(layouts):
+            s = table[(table["panel"] == "c") & (table["layout"] == layout)]
+            a, m = s[s["series"] == "attn_share"], s[s["series"] == "mlp_share"]
+            if len(a):
+                xs = np.arange(len(a)) + i * width
+                ax.bar(xs, a["mean"], width, color=colours[layout], label=f"{layout} attention")
+                ax.bar(xs, m["mean"].to_numpy(), width, bottom=a["mean"].to_numpy(), color=colours[layout],
+                       alpha=0.35, label=f"{layout} MLP")
+                ax.set_xticks(np.arange(len(a)) + width * (len(layouts) - 1) / 2, [str(x) for x in a["x"]])
+        ax.set(xlabel="readout layer T", ylabel="share of |δ_T|", title="(c) attention vs MLP write")
+        _legend(ax)
+        axes[3].axis("off")
+        axes[3].text(0.02, 0.5, "(d) causal scrubbing:\nnot measured yet\n(no circuits/scrub probe)", fontsize=7,
+                     va="center")
+        fig.suptitle(f"Fig. 15 on {model}", fontsize=8)
+        fig.tight_layout()
+    return fig
+
+
+def paper_rows(path: Path = PAPER_NUMBERS) -> tuple[list[str], dict]:
+    spec = yaml.safe_load(Path(path).read_text())["circuit"]
+    return spec["models"], {r["key"]: r for r in spec["rows"]}
+
+
+def circuit_table(agg: pd.DataFrame, paper_path: Path = PAPER_NUMBERS) -> pd.DataFrame:
+    """tab:circuit: per model x layout, the quantities the paper reports (its values beside ours where it has one)."""
+    paper_models, paper = paper_rows(paper_path)
+    rows = []
+
+    def add(model, layout, quantity, probe, metric, key, paper_key=None, value="mean"):
+        m = _get(agg[agg["model"] == model], probe, layout, metric, key, value)
+        if m is None:
+            return
+        sub = agg[agg["model"] == model]
+        row = {"model": model, "layout": layout, "order": order_of(layout), "quantity": quantity, "value": m,
+               "ci_lo": _get(sub, probe, layout, metric, key, "ci_lo"),
+               "ci_hi": _get(sub, probe, layout, metric, key, "ci_hi"), "n": _get(sub, probe, layout, metric, key, "n")}
+        for j, pm in enumerate(paper_models):
+            row[f"paper {pm}"] = paper[paper_key]["values"][j] if paper_key in paper else None
+        rows.append(row)
+
+    for model in sorted(set(agg["model"])):
+        sub = agg[agg["model"] == model]
+        for layout in sorted(set(sub["layout"])):
+            for k in ("1", "2", "3", "5", "8", "12"):
+                add(model, layout, f"read heads, joint top-{k}, cross-fitted", "heads", "read", f"cum_cf/{k}",
+                    f"read_cum_{k}")
+                add(model, layout, f"read heads, joint top-{k}, in-sample", "heads", "read", f"cum_in/{k}")
+                add(model, layout, f"read heads, random joint {k}-set (null mean)", "heads", "read", f"null/{k}")
+                add(model, layout, f"read heads, p(cross-fitted top-{k} >= random)", "heads", "read", f"null/{k}",
+                    value="p_cf_ge_null")
+            add(model, layout, "read control: mean single random head", "heads", "read", "null/1",
+                "read_control")
+            for sweep, name in (("write1", "top-1 note"), ("writeN", "top-4 notes jointly")):
+                for k in ("1", "12"):
+                    add(model, layout, f"write heads at the {name}, joint top-{k}, cross-fitted", "heads", sweep,
+                        f"cum_cf/{k}", f"write_cum_{k}" if sweep == "write1" else None)
+            add(model, layout, "DLA vs exact single-head recovery, Spearman", "heads", "read",
+                "dla_vs_exact/spearman")
+            d = sub[(sub["probe"] == "direction") & (sub["layout"] == layout)]
+            for li in sorted(set(d["metric"]), key=int):
+                add(model, layout, f"DoM direction L{li}, along", "direction", li, "along_dm", "dir_along")
+                add(model, layout, f"DoM direction L{li}, full difference", "direction", li, "full", "dir_full")
+                add(model, layout, f"DoM direction L{li}, norm-matched random (null mean)", "direction", li,
+                    "random_null", "dir_random")
+                add(model, layout, f"DoM direction L{li}, p(along >= random)", "direction", li, "random_null",
+                    value="p_along_dm_ge_null")
+                add(model, layout, f"DoM direction L{li}, necessity drop", "direction", li, "necessity_dm",
+                    "dir_necessity")
+                add(model, layout, f"probe direction L{li}, along", "direction", li, "along_probe", "dir_probe_along")
+            c = sub[(sub["probe"] == "components") & (sub["layout"] == layout)]
+            for T in sorted(set(c["metric"]), key=int):
+                add(model, layout, f"attention share at T = {T}", "components", T, "attn_share", "attn_share")
+    return pd.DataFrame(rows)
+
+
+def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: list[str] | None = None) -> list[Path]:
+    agg = frames(Path(results), models)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if agg.empty:
+        print(f"no circuit record under {results} (run: {COMMAND.format(model='<model>')})")
+        return written
+    for model in sorted(set(agg["model"])):
+        table = plotted(agg, model)
+        stem = f"fig15_circuit_{model}"
+        write_table(out, stem, table)
+        written.append(_save(figure(table, model), out, stem))
+        present = set(agg[agg["model"] == model]["probe"])
+        for probe in PROBES:
+            if probe not in present:
+                print(f"{model}: no {probe} record (run: {COMMAND.format(model=model)} probe={probe})")
+    tab = circuit_table(agg)
+    write_table(out, "tab_circuit", tab)
+    (out / "tab_circuit.tex").write_text(tab.to_latex(index=False, float_format="%.3f", na_rep=""))
+    written.append(out / "tab_circuit.csv")
+    index = load_index(Path(results))
+    print(f"tab:circuit from {sum(index['probe'].isin(PROBES))} records")
+    return written
+
+
+def main(argv=None) -> list[Path]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS))
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--models", default=None, help="comma-separated model names (default: every model with a record)")
+    args = ap.parse_args(argv)
+    return circuit(Path(args.results), Path(args.out), _parse_list(args.models) if args.models else None)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

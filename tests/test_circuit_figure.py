@@ -1,0 +1,60 @@
+"""figures/circuit.py: Fig. 15 and tab:circuit from the circuit probes' records only. On tiny-model records of all
+three probes, the plotted table's numbers are the records' aggregates, tab:circuit carries the paper's numbers
+from figures/paper_numbers.yaml in their own columns, and a missing probe is named, not dropped."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import run as run_module
+from figures import circuit
+from test_run import _cfg
+
+RELAXED = ("exclusion.require_flip=false", "exclusion.require_correct=false", "exclusion.min_abs_delta_m=0.0")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("circuit")
+    for probe, extra in (("heads", ("probe.n_null=20", "probe.n_null_write=10")),
+                         ("components", ()),
+                         ("direction", ("probe.n_random=5", "probe.n_random_necessity=3", "probe.n_notes=3"))):
+        run_module.run(_cfg(root, f"probe={probe}", "model=tiny-llama", "tag=map-field_first_user-D0-Qlast-K1",
+                            "scenario.params.layout=field_first_user", *extra, *RELAXED))
+    return root
+
+
+def test_figure_and_table_come_from_the_records(results, tmp_path, capsys):
+    written = circuit.main(["--results", str(results), "--out", str(tmp_path)])
+    assert (tmp_path / "fig15_circuit_tiny-llama.png").is_file() and (tmp_path / "tab_circuit.tex").is_file()
+    plotted = pd.read_csv(tmp_path / "fig15_circuit_tiny-llama.csv")
+    heads = json.loads(next((results / "heads" / "tiny-llama").glob("*.json")).read_text())
+    row = plotted[(plotted["panel"] == "a") & (plotted["series"] == "read cross-fitted") & (plotted["x"] == 2)]
+    assert row["mean"].iloc[0] == pytest.approx(heads["aggregate"]["read"]["cum_cf"]["2"]["mean"])
+    band = plotted[(plotted["series"] == "read random-k null") & (plotted["x"] == 2)]
+    assert band["lo"].iloc[0] == pytest.approx(heads["aggregate"]["read"]["null"]["2"]["lo"])
+    comp = json.loads(next((results / "components" / "tiny-llama").glob("*.json")).read_text())
+    T = max(comp["aggregate"], key=int)
+    row = plotted[(plotted["panel"] == "c") & (plotted["series"] == "attn_share") & (plotted["x"] == int(T))]
+    assert row["mean"].iloc[0] == pytest.approx(comp["aggregate"][T]["attn_share"]["mean"])
+    assert set(plotted["layout"]) == {"field_first_user"}
+    tab = pd.read_csv(tmp_path / "tab_circuit.csv")
+    paper_models, paper = circuit.paper_rows()
+    k2 = tab[tab["quantity"] == "read heads, joint top-2, cross-fitted"]
+    assert k2["value"].iloc[0] == pytest.approx(heads["aggregate"]["read"]["cum_cf"]["2"]["mean"])
+    assert k2[f"paper {paper_models[0]}"].iloc[0] == paper["read_cum_2"]["values"][0]
+    assert (tab["order"] == "F->R").all()
+    assert len(written) == 2
+
+
+def test_a_missing_probe_is_named(results, tmp_path, capsys):
+    import shutil
+    part = tmp_path / "res"
+    shutil.copytree(results / "heads", part / "heads")
+    circuit.main(["--results", str(part), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "no direction record" in out and "no components record" in out
