@@ -37,8 +37,8 @@ from benchmarks.splice_bench import spaced  # noqa: E402
 from kvnotes import kv  # noqa: E402
 from kvnotes.engine import Splice, SpliceEngine  # noqa: E402
 from kvnotes.heads import HeadPatchEngine, HeadSet  # noqa: E402
-from kvnotes.interventions import Capture, HeadPatch, LensBackend, NNsightBackend  # noqa: E402
-from kvnotes.models import load_model, prepare_cache  # noqa: E402
+from kvnotes.interventions import Capture, HeadPatch, NNsightBackend, lens_backend  # noqa: E402
+from kvnotes.models import load_model  # noqa: E402
 from kvnotes.readout import candidate_logits, candidate_tokens, choose_readout  # noqa: E402
 from kvnotes.records import now_iso, provenance, write_json_atomic  # noqa: E402
 from scenarios import make_instances  # noqa: E402
@@ -69,18 +69,7 @@ class PeakRSS:
         return False
 
 
-def second_instance(lm):
-    """The bridge's own copy of the weights (it switches the model it is given to eager attention in place)."""
-    if lm.spec.get("kind") == "tiny":
-        from kvnotes.tiny import build_tiny
-        return build_tiny(lm.spec["arch"], seed=int(lm.spec.get("seed", 0)))[0]
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(prepare_cache(lm.spec)), dtype=torch.float32)
-
-
 def main(argv=None) -> dict:
-    from transformer_lens.model_bridge import TransformerBridge
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
     ap.add_argument("--scenario", default="diverse")
@@ -140,9 +129,7 @@ def main(argv=None) -> dict:
             by_nns = torch.stack([nns.run(pair.old_ids, iv).logits[-1] for iv in ivs])
             t_b = time.time() - t
         if bridge is None:
-            bridge = LensBackend(TransformerBridge.boot_transformers(
-                lm.spec.get("hf_name") or lm.spec["name"], hf_model=second_instance(lm), tokenizer=lm.tokenizer,
-                device="cpu", dtype=torch.float32))
+            bridge = lens_backend(lm)
         bridge.run(pair.old_ids, ivs[0])                                            # warm-up
         with PeakRSS() as mem_c:
             t = time.time()

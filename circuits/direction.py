@@ -28,8 +28,8 @@ import time
 import numpy as np
 import torch
 
-from circuits.common import note_positions
-from kvnotes.heads import HeadPatchEngine, HeadSet
+from circuits.common import note_positions, patched_logits
+from kvnotes.heads import HeadSet
 from kvnotes.interventions import Capture, NNsightBackend
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
@@ -39,8 +39,8 @@ from probes.common import (Split, boot_args, end_states, exclusion_reasons, marg
 CONTRACT = ProbeSpec(
     name="direction", paper_refs=("§4.4", "Fig15b", "tab:circuit"),
     options={"batch_size": 32, "n_notes": 8, "layer_fracs": [0.33, 0.5, 0.67, 0.83], "n_random": 50,
-             "n_random_necessity": 25, "seed": 0},
-    measure_options=("batch_size", "n_notes", "layer_fracs"),
+             "n_random_necessity": 25, "seed": 0, "backend": "engine"},
+    measure_options=("batch_size", "n_notes", "layer_fracs", "backend"),
     second_pass=True,
     not_reanalysable="its rows keep recoveries, not pass 2's candidate logits nor pass 1's residuals")
 KINDS = ("full", "along_dm", "orth_dm", "along_probe", "orth_probe")
@@ -65,7 +65,7 @@ def _resid(lm, pair, layers, notes) -> tuple[dict, dict]:
 
 
 def measure(lm, pair, token_ids, batch_size: int = 32, n_notes: int = 8,
-            layer_fracs=(0.33, 0.5, 0.67, 0.83)) -> dict:
+            layer_fracs=(0.33, 0.5, 0.67, 0.83), backend: str = "engine") -> dict:
     t0 = time.time()
     token_ids = sorted(set(int(t) for t in token_ids))
     stale, oracle, last = prefill_pair(lm.model, pair)
@@ -136,7 +136,7 @@ def _random_dirs(seed: str, layer: int, n: int, dim: int) -> torch.Tensor:
 
 
 def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 32, n_notes: int = 8,
-                   layer_fracs=None) -> dict:
+                   layer_fracs=None, backend: str = "engine") -> dict:
     t0 = time.time()
     if not plan.get("included_at_plan") or not plan["directions"]:
         return {"layers": {}, "seconds": 0.0}
@@ -146,8 +146,6 @@ def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 32, n_note
     layers = [int(li) for li in plan["directions"]]
     clean, corrupt = _resid(lm, pair, layers, notes)
     start = min(notes)
-    eng_x = HeadPatchEngine(lm.model, pair.old_ids, start=start, chunk_size=batch_size)
-    eng_c = HeadPatchEngine(lm.model, pair.new_ids, start=start, chunk_size=batch_size)
     out = {}
     for li in layers:
         rc, rx = clean[li].double(), corrupt[li].double()
@@ -166,8 +164,10 @@ def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 32, n_note
         rand_suff = [adds((size * torch.sign(delta @ r))[:, None] * r) for r in rand[:n_random]]
         nec = {k: adds(-(rc @ dirs[k])[:, None] * dirs[k]) for k in ("dm", "probe")}
         rand_nec = [adds(-(rc @ r)[:, None] * r) for r in rand[:n_random_necessity]]
-        rows_x = eng_x.run(list(suff.values()) + rand_suff, tokens=token_ids)
-        rows_c = eng_c.run(list(nec.values()) + rand_nec, tokens=token_ids)
+        rows_x = patched_logits(lm, pair.old_ids, start, list(suff.values()) + rand_suff, token_ids, backend,
+                                batch_size)
+        rows_c = patched_logits(lm, pair.new_ids, start, list(nec.values()) + rand_nec, token_ids, backend,
+                                batch_size)
         out[str(li)] = {"sufficiency": dict(zip(suff, rows_x[:len(suff)].tolist())),
                         "random": rows_x[len(suff):].tolist(),
                         "necessity": dict(zip(nec, rows_c[:len(nec)].tolist())),

@@ -4,7 +4,8 @@ domains and evaluated on held-out ones, stability across pairs, and several note
 
 Clean = the new-value prompt, corrupt = the old-value prompt; recovery = (m - m_old) / (m_new - m_old) with the
 probe-wide readout. Every patch sets query head (l, h)'s output z to its clean value in the corrupt run, through
-`kvnotes.heads.HeadPatchEngine` (prefix shared, suffix recomputed; equal to a full-forward `HeadPatch`, tested):
+`kvnotes.heads.HeadPatchEngine` (prefix shared, suffix recomputed; equal to a full-forward `HeadPatch`, tested), or
+with `backend=nnsight` / `transformer_lens` one full forward per patch through those libraries (circuits.common):
 
 * read:   at the decision token (the query that reads the cache);
 * write1: at the top-1 note position p1 during prefill, everything after it recomputed (the paper's write patch);
@@ -32,9 +33,9 @@ import time
 import torch
 from scipy.stats import spearmanr
 
-from circuits.common import note_positions
+from circuits.common import note_positions, patched_logits
 from kvnotes.engine import unembed
-from kvnotes.heads import HeadPatchEngine, HeadSet
+from kvnotes.heads import HeadSet
 from kvnotes.interventions import Capture, NNsightBackend
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
@@ -43,8 +44,8 @@ from probes.common import (Split, boot_args, end_states, exclusion_reasons, marg
 
 CONTRACT = ProbeSpec(
     name="heads", paper_refs=("§4.1", "§4.2", "Fig15a", "tab:circuit"),
-    options={"batch_size": 64, "n_notes": 4, "n_null": 200, "n_null_write": 50, "null_seed": 0},
-    measure_options=("batch_size", "n_notes"),
+    options={"batch_size": 64, "n_notes": 4, "n_null": 200, "n_null_write": 50, "null_seed": 0, "backend": "engine"},
+    measure_options=("batch_size", "n_notes", "backend"),
     second_pass=True,
     not_reanalysable="its rows keep recoveries, not the candidate-token logits of pass 2's joint sets")
 SWEEPS = ("read", "write1", "writeN")
@@ -85,7 +86,7 @@ def _dla(lm, nns, pair, z_clean, token_ids) -> tuple[torch.Tensor, bool]:
     return out, not nns.post_norms
 
 
-def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4) -> dict:
+def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4, backend: str = "engine") -> dict:
     t0 = time.time()
     token_ids = sorted(set(int(t) for t in token_ids))
     model = lm.model
@@ -101,8 +102,8 @@ def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4) -> dict
     rows = {}
     for sweep in SWEEPS:
         pos = _positions(sweep, d, notes)
-        eng = HeadPatchEngine(model, pair.old_ids, start=min(pos), chunk_size=batch_size)
-        rows[sweep] = eng.run(_sets(heads, pos, z), tokens=token_ids).tolist()
+        rows[sweep] = patched_logits(lm, pair.old_ids, min(pos), _sets(heads, pos, z), token_ids, backend,
+                                     batch_size).tolist()
     dla, exact = _dla(lm, nns, pair, z, token_ids)
     pat = nns.run(pair.new_ids, captures=[Capture("pattern", li) for li in range(L)]).acts
     attn_notes = torch.stack([pat[Capture("pattern", li)][:, d, notes].sum(-1) for li in range(L)])   # [L, H]
@@ -165,7 +166,8 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
 
 
 # -- pass 2 -----------------------------------------------------------------------------------------------------------
-def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 64, n_notes: int = 4) -> dict:
+def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 64, n_notes: int = 4,
+                   backend: str = "engine") -> dict:
     """Candidate-token logits of every planned joint head set (unique sets patched once per sweep)."""
     t0 = time.time()
     if not plan.get("included_at_plan"):
@@ -179,10 +181,10 @@ def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 64, n_note
         unique = sorted({tuple(s) for kind in ("in", "cf") for s in sets.get(kind, {}).values()}
                         | {tuple(s) for draws in sets["null"].values() for s in draws})
         pos = _positions(sweep, pair.dpos, notes)
-        eng = HeadPatchEngine(lm.model, pair.old_ids, start=min(pos), chunk_size=batch_size)
         heads = [tuple((i // H, i % H) for i in s) for s in unique]
-        out[sweep] = {"sets": [list(s) for s in unique], "rows": eng.run(_sets(heads, pos, z), tokens=token_ids)
-                      .tolist()}
+        out[sweep] = {"sets": [list(s) for s in unique],
+                      "rows": patched_logits(lm, pair.old_ids, min(pos), _sets(heads, pos, z), token_ids, backend,
+                                             batch_size).tolist()}
     return {"token_ids": token_ids, "sweeps": out, "seconds": round(time.time() - t0, 3)}
 
 

@@ -371,3 +371,18 @@ class LensBackend:
         """As `NNsightBackend.logit_lens`, through the bridge's ln_final and unembed."""
         with torch.inference_mode():
             return self.bridge.unembed(self.bridge.ln_final(resid[None] if resid.dim() == 1 else resid)).float()
+
+
+def lens_backend(lm) -> LensBackend:
+    """A `LensBackend` for a registry model `lm` (kvnotes.models.LoadedModel), on its own fp32 copy of the weights:
+    the bridge switches the model it is given to eager attention in place, so it must not get `lm.model`."""
+    from transformer_lens.model_bridge import TransformerBridge
+    if lm.spec.get("kind") == "tiny":
+        from kvnotes.tiny import build_tiny
+        model = build_tiny(lm.spec["arch"], seed=int(lm.spec.get("seed", 0)))[0]
+    else:
+        from transformers import AutoModelForCausalLM
+        from kvnotes.models import prepare_cache
+        model = AutoModelForCausalLM.from_pretrained(str(prepare_cache(lm.spec)), dtype=torch.float32)
+    return LensBackend(TransformerBridge.boot_transformers(lm.spec.get("hf_name") or lm.spec["name"], hf_model=model,
+                                                           tokenizer=lm.tokenizer, device="cpu", dtype=torch.float32))

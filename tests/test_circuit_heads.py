@@ -93,3 +93,20 @@ def test_dla_is_the_direct_path(record):
     dz = clean[Capture("z", L - 1)][d, h] - corrupt[Capture("z", L - 1)][d, h]
     expect = float((w @ dz) @ r.grad) / row["delta_m"]
     assert row["dla_read"][(L - 1) * H + h] == pytest.approx(expect, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+def test_the_backends_give_the_engines_numbers(record, tmp_path, backend):
+    """probe.backend switches the patching to one full forward per set through nnsight or the TransformerLens
+    bridge: every per-pair number of the record (singles, joint sets, nulls) is the engine's."""
+    other = run_module.run(_cfg(tmp_path, "probe=heads", "model=tiny-llama", "probe.n_null=30", "probe.n_null_write=20",
+                                f"probe.backend={backend}", *RELAXED))
+    assert other["config"]["probe"]["backend"] == backend
+    for a, b in zip(record["instances"], other["instances"]):
+        assert a["id"] == b["id"]
+        tol = max(1e-4, 2e-5 / abs(a["delta_m"]))      # 2e-5 in logits; recoveries divide by a tiny model's delta m
+        for sweep in heads.SWEEPS:
+            assert b[f"single_{sweep}"] == pytest.approx(a[f"single_{sweep}"], abs=tol)
+            assert b[f"cum_{sweep}"]["in"] == pytest.approx(a[f"cum_{sweep}"]["in"], abs=tol)
+            for k, v in a[f"null_{sweep}"].items():
+                assert b[f"null_{sweep}"][k] == pytest.approx(v, abs=tol)
