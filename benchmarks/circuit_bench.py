@@ -159,7 +159,12 @@ def main(argv=None) -> dict:
         "provenance": prov, "readout": readout.to_record(),
         "aggregate": {f"{s}_{k}": v for s, r in results.items() for k, v in
                       (("ours_over_faster_reference", r["ours_over_faster_reference"]),
-                       ("max_abs_logit_diff", max(r["max_abs_logit_diff"].values())))},
+                       ("max_abs_logit_diff", max(r["max_abs_logit_diff"].values())),
+                       ("ours_patches_per_s", r["patches_per_s"]["ours"]),
+                       ("nnsight_patches_per_s", r["patches_per_s"]["nnsight"]),
+                       ("transformer_lens_patches_per_s", r["patches_per_s"]["transformer_lens"]),
+                       ("recomputed_tokens", r["n_recomputed_tokens"]),
+                       ("ours_peak_rss_gib", r["peak_rss_gib"]["ours"]))},
         "sweeps": results,
         "sanity": {"note": "the three paths compute the same head patches; their agreement is a correctness check"},
     }
