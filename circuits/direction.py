@@ -33,7 +33,7 @@ from kvnotes.heads import HeadSet
 from kvnotes.interventions import Capture, NNsightBackend
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
-from probes.common import (Split, boot_args, end_states, exclusion_reasons, margins, pair_row, prefill_pair,
+from probes.common import (Split, boot_args, end_states, included_rows, margins, pair_row, prefill_pair,
                            readout_key)
 
 CONTRACT = ProbeSpec(
@@ -97,13 +97,8 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
     """Per included pair: per layer the DoM and probe directions fitted on the other domains' included pairs, and
     the seed of its random directions."""
     seed = int(probe_cfg.get("seed", 0))
-    include, label = {}, {}
-    for inst in instances:
-        raw, ro = raws[inst.id], readouts[readout_key(inst)]
-        row = pair_row(inst, pairs_info[inst.id], raw, ro)
-        include[inst.id] = inst.kind == "gated" and not exclusion_reasons(inst, row["dec_stale"], row["dec_oracle"],
-                                                                           row["delta_m"], exclusion)
-        label[inst.id] = (int(inst.expected_new == inst.safe), int(inst.expected_old == inst.safe))
+    include = {k: inc for k, (_, inc) in included_rows(instances, pairs_info, raws, readouts, exclusion).items()}
+    label = {inst.id: (int(inst.expected_new == inst.safe), int(inst.expected_old == inst.safe)) for inst in instances}
     scenario_of = {inst.id: inst.scenario for inst in instances}
     plans = {}
     for inst in instances:

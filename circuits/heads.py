@@ -39,7 +39,7 @@ from kvnotes.heads import HeadSet
 from kvnotes.interventions import Capture, NNsightBackend
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
-from probes.common import (Split, boot_args, end_states, exclusion_reasons, margins, pair_row, prefill_pair,
+from probes.common import (Split, boot_args, end_states, included_rows, margins, pair_row, prefill_pair,
                            readout_key)
 
 CONTRACT = ProbeSpec(
@@ -132,10 +132,8 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
     scenario_of = {inst.id: inst.scenario for inst in instances}
     single, include = {}, {}
     for inst in instances:
+        row, include[inst.id] = included_rows([inst], pairs_info, raws, readouts, exclusion)[inst.id]
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
-        row = pair_row(inst, pairs_info[inst.id], raw, ro)
-        include[inst.id] = inst.kind == "gated" and not exclusion_reasons(inst, row["dec_stale"], row["dec_oracle"],
-                                                                           row["delta_m"], exclusion)
         if include[inst.id]:
             single[inst.id] = {s: _single(raw, ro, row, s) for s in SWEEPS}
     plans = {}

@@ -134,6 +134,19 @@ def _register():
     AttentionInterface.register(ATTN_NAME, _splice_attention)
 
 
+def join_rows(n: int):
+    """A forward pre-hook for a decoder layer that appends `n` copies of batch row 0's hidden states to the batch:
+    rows whose first edit is in this layer join the unedited row there (the layers before it ran once for them)."""
+    def hook(module, args, kwargs):
+        if args:
+            h = args[0]
+            return (torch.cat([h, h[:1].expand(n, *h.shape[1:])]), *args[1:]), kwargs
+        h = kwargs["hidden_states"]
+        kwargs["hidden_states"] = torch.cat([h, h[:1].expand(n, *h.shape[1:])])
+        return args, kwargs
+    return hook
+
+
 def _layer_kv(cache, zero_row: bool = False):
     """Per layer: stored keys/values `[kvh, Lc, d]` (batch row 0) and the absolute position of stored index 0.
     With `zero_row`, each gets one more row of zeros at the end (the slot of the decode token's own key/value)."""
@@ -278,17 +291,7 @@ class SpliceEngine:
                 if ed.mask is not None:
                     ed.mask = (row_of[ed.mask[0]], *ed.mask[1:])
 
-        def join(li):
-            def hook(module, args, kwargs):
-                if args:
-                    h = args[0]
-                    return (torch.cat([h, h[:1].expand(joiners[li], *h.shape[1:])]), *args[1:]), kwargs
-                h = kwargs["hidden_states"]
-                kwargs["hidden_states"] = torch.cat([h, h[:1].expand(joiners[li], *h.shape[1:])])
-                return args, kwargs
-            return hook
-
-        handles = [layer.register_forward_pre_hook(join(li), with_kwargs=True)
+        handles = [layer.register_forward_pre_hook(join_rows(joiners[li]), with_kwargs=True)
                    for li, layer in enumerate(self.decoder.layers[:self.n_layers]) if joiners[li]]
         ctx = _Context(self.keys, self.values, self.offsets, self.length, edits, groups)
         ids = torch.full((1, 1), self.last_token, dtype=torch.long)

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from kvnotes import kv
-from kvnotes.engine import _layer_kv, unembed
+from kvnotes.engine import _layer_kv, join_rows, unembed
 
 ATTN_NAME = "kvnotes_prefix"
 
@@ -195,16 +195,6 @@ class HeadPatchEngine:
         adds = {li: tuple(torch.cat(x) for x in zip(*parts)) for li, parts in adds.items()}
         dh = self.d_head
 
-        def join(li):
-            def hook(module, args, kwargs):
-                if args:
-                    h = args[0]
-                    return (torch.cat([h, h[:1].expand(joiners[li], *h.shape[1:])]), *args[1:]), kwargs
-                h = kwargs["hidden_states"]
-                kwargs["hidden_states"] = torch.cat([h, h[:1].expand(joiners[li], *h.shape[1:])])
-                return args, kwargs
-            return hook
-
         def patch(li):
             rows, heads, pos, vals = per_layer[li]
             cols = heads[:, None] * dh + torch.arange(dh)                             # [E, d_head]
@@ -225,7 +215,7 @@ class HeadPatchEngine:
             return hook
 
         layers = self.decoder.layers[:self.n_layers]
-        handles = [layers[li].register_forward_pre_hook(join(li), with_kwargs=True)
+        handles = [layers[li].register_forward_pre_hook(join_rows(joiners[li]), with_kwargs=True)
                    for li in range(self.n_layers) if joiners[li]]
         handles += [layers[li].self_attn.o_proj.register_forward_pre_hook(patch(li)) for li in per_layer]
         handles += [layers[li].register_forward_hook(add(li)) for li in adds]

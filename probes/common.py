@@ -42,6 +42,17 @@ def exclusion_reasons(inst, dec_stale: str, dec_oracle: str, delta_m: float, rul
     return reasons
 
 
+def included_rows(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: dict) -> dict:
+    """{instance id: (pair_row, included?)} at plan time (the readouts known): what a second pass plans from."""
+    out = {}
+    for inst in instances:
+        raw, ro = raws[inst.id], readouts[readout_key(inst)]
+        row = pair_row(inst, pairs_info[inst.id], raw, ro)
+        out[inst.id] = (row, inst.kind == "gated" and not exclusion_reasons(inst, row["dec_stale"], row["dec_oracle"],
+                                                                           row["delta_m"], exclusion))
+    return out
+
+
 def flip_direction(inst) -> str | None:
     """"allow->refuse" (the new value implies the restrictive answer), "refuse->allow", None for a pair whose
     values imply the same answer (controls), or "unspecified" for a user's pair that does not name its restrictive

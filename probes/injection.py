@@ -56,7 +56,7 @@ from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.readout import candidate_logits
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize, summarize_proportion
 from probes.base import ProbeSpec
-from probes.common import (Split, boot_args, end_states, exclusion_reasons, flip_direction, pair_row,
+from probes.common import (Split, boot_args, end_states, flip_direction, included_rows, pair_row,
                            prefill_pair, readout_key)
 from probes.topk import FRACS, cross_fitted_order, random_draws, role_keys
 
@@ -222,11 +222,10 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
         raise ValueError(f"probe.donors has {unknown}; the donor kinds are {list(DONOR_KINDS)}")
     rows, include, single = {}, {}, {}
     for inst in instances:
-        raw, ro = raws[inst.id], readouts[readout_key(inst)]
-        rows[inst.id] = row = pair_row(inst, pairs_info[inst.id], raw, ro)
-        include[inst.id] = inst.kind == "gated" and not exclusion_reasons(inst, row["dec_stale"], row["dec_oracle"],
-                                                                           row["delta_m"], exclusion)
-        single[inst.id] = {d: single_recoveries(raw, ro, row, d) for d in DIRECTIONS}
+        row, include[inst.id] = included_rows([inst], pairs_info, raws, readouts, exclusion)[inst.id]
+        rows[inst.id] = row
+        single[inst.id] = {d: single_recoveries(raws[inst.id], readouts[readout_key(inst)], row, d)
+                           for d in DIRECTIONS}
     # cross-fitting material: included pairs' single-position recoveries per direction, by domain and role key
     material = {d: {} for d in DIRECTIONS}
     for inst in instances:

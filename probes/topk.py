@@ -27,7 +27,7 @@ import time
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
-from probes.common import (Split, boot_args, end_states, exclusion_reasons, pair_row,
+from probes.common import (Split, boot_args, end_states, included_rows, pair_row,
                            prefill_pair, readout_key, recoveries)
 
 CONTRACT = ProbeSpec(
@@ -112,10 +112,8 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
     seed = int(probe_cfg.get("null_seed", 0))
     single, include = {}, {}
     for inst in instances:
+        row, include[inst.id] = included_rows([inst], pairs_info, raws, readouts, exclusion)[inst.id]
         raw, ro = raws[inst.id], readouts[readout_key(inst)]
-        row = pair_row(inst, pairs_info[inst.id], raw, ro)
-        include[inst.id] = inst.kind == "gated" and not exclusion_reasons(inst, row["dec_stale"], row["dec_oracle"],
-                                                                           row["delta_m"], exclusion)
         single[inst.id] = recoveries(raw, ro, row).tolist() if row["delta_m"] else None
     # cross-fitting material: included pairs' downstream single recoveries, keyed by role
     by_scenario = {}

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 import run as run_module
 from circuits import components
-from kvnotes.interventions import Capture, LensBackend
-from kvnotes.tiny import build_tiny
+from kvnotes.interventions import Capture, lens_backend
 from scenarios import make_instances
 from scenarios.render import align
 from test_run import _cfg
@@ -27,9 +25,7 @@ def test_parts_sum_and_the_bridge_agrees(tmp_path, model, tiny_by_name):
     lm = tiny_by_name(model)
     inst = next(i for i in make_instances("diverse", n_instances=1, seed=0) if i.id == row["id"])
     pair = align(inst, lm.tokenizer, bool(lm.spec.get("prepend_bos")), lm.spec.get("plain_prompt"))
-    model2, tok = build_tiny(lm.spec["arch"], seed=int(lm.spec.get("seed", 0)))
-    tl = LensBackend(TransformerBridge.boot_transformers(lm.spec["name"], hf_model=model2, tokenizer=tok,
-                                                         device="cpu", dtype=torch.float32))
+    tl = lens_backend(lm)
     caps = [Capture(s, li) for s in components.SITES for li in range(tl.n_layers)]
     clean, corrupt = tl.run(pair.new_ids, captures=caps).acts, tl.run(pair.old_ids, captures=caps).acts
     for T, got in row["by_T"].items():

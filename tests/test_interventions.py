@@ -13,11 +13,9 @@ import os
 
 import pytest
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
-from kvnotes.interventions import (Ablate, Capture, HeadPatch, LensBackend, NNsightBackend, Patch, ResidAdd,
-                                   ResidProject, SITES)
-from kvnotes.tiny import build_tiny
+from kvnotes.interventions import (Ablate, Capture, HeadPatch, NNsightBackend, Patch, ResidAdd, ResidProject, SITES,
+                                   lens_backend)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -30,9 +28,8 @@ def max_abs(x, y) -> float:
 
 
 class Pair:
-    def __init__(self, lm, pair, second_instance=None):
-        """`second_instance()` -> (hf model, tokenizer): the bridge's own copy (it switches its model to eager)."""
-        self.lm, self.second_instance = lm, second_instance
+    def __init__(self, lm, pair):
+        self.lm = lm
         self.clean, self.corrupt = pair.new_ids, pair.old_ids
         self.a, self.b, self.d = *pair.span, pair.dpos
 
@@ -42,14 +39,7 @@ class Pair:
 
     @functools.cached_property
     def tl(self):
-        spec = self.lm.spec
-        if self.second_instance is None:
-            model2, tok = build_tiny(spec["arch"], seed=int(spec.get("seed", 0)))
-        else:
-            model2, tok = self.second_instance()
-        bridge = TransformerBridge.boot_transformers(spec["name"], hf_model=model2, tokenizer=tok, device="cpu",
-                                                     dtype=torch.float32)
-        return LensBackend(bridge)
+        return lens_backend(self.lm)      # the bridge on its own copy of the weights
 
     @functools.cached_property
     def clean_acts(self):
@@ -208,19 +198,14 @@ def test_bad_interventions_are_refused_with_the_reason(pair):
 @pytest.mark.slow
 def test_every_primitive_agrees_on_smollm2(get_pair):
     """The same primitives on a real model (smollm2-135m, fp32, the bridge on its own copy of the weights)."""
-    from transformers import AutoModelForCausalLM
-    from kvnotes.models import WeightsNotInstalledError, load_model, prepare_cache
+    from kvnotes.models import WeightsNotInstalledError, load_model
     try:
         lm = load_model("smollm2-135m", dtype="float32")
     except WeightsNotInstalledError:
         if os.environ.get("CI"):
             pytest.fail("smollm2-135m weights are not installed; `make test` installs them")
         pytest.skip("smollm2-135m weights not installed (run: make weights MODEL=smollm2-135m)")
-
-    def second():
-        path = str(prepare_cache("smollm2-135m"))
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), lm.tokenizer
-    p = Pair(lm, get_pair(lm, "diverse"), second)
+    p = Pair(lm, get_pair(lm, "diverse"))
     base = p.nns.run(p.corrupt).logits
     assert max_abs(base, p.tl.run(p.corrupt).logits) <= TOL
     for kind, ivs in interventions(p).items():
