@@ -33,14 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.splice_bench import spaced  # noqa: E402
+from benchmarks.splice_bench import save_record, spaced  # noqa: E402
 from kvnotes import kv  # noqa: E402
 from kvnotes.engine import Splice, SpliceEngine  # noqa: E402
 from kvnotes.heads import HeadPatchEngine, HeadSet  # noqa: E402
 from kvnotes.interventions import Capture, HeadPatch, NNsightBackend, lens_backend  # noqa: E402
 from kvnotes.models import load_model  # noqa: E402
 from kvnotes.readout import candidate_logits, candidate_tokens, choose_readout  # noqa: E402
-from kvnotes.records import now_iso, provenance, write_json_atomic  # noqa: E402
+from kvnotes.records import now_iso, provenance  # noqa: E402
 from scenarios import make_instances  # noqa: E402
 from scenarios.render import align  # noqa: E402
 
@@ -168,12 +168,7 @@ def main(argv=None) -> dict:
         "sweeps": results,
         "sanity": {"note": "the three paths compute the same head patches; their agreement is a correctness check"},
     }
-    if args.out != "-":
-        out = Path(args.out) if args.out else Path("results/bench") / f"circuit-{args.model}.json"
-        record["provenance"]["wall_s"] = round(time.time() - t_start, 2)
-        write_json_atomic(out, record)
-        print(f"record: {out}")
-    return record
+    return save_record(record, args.out, f"circuit-{args.model}.json", t_start)
 
 
 if __name__ == "__main__":

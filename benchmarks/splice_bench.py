@@ -219,9 +219,14 @@ def main(argv=None) -> dict:
           f" of it,\n  executing {aggregate['batched_executed_gflops']:.0f} GFLOP/s "
           f"({aggregate['batched_layer_rows_shared']:.1%} of the layer-rows shared with the base row before a splice's "
           "first real edit)")
-    if args.out != "-":
-        suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
-        out = Path(args.out) if args.out else Path("results/bench") / f"{args.model}{suffix}.json"
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    return save_record(record, args.out, f"{args.model}{suffix}.json", t_start)
+
+
+def save_record(record: dict, out_arg: str | None, default_name: str, t_start: float) -> dict:
+    """Write a benchmark record to `out_arg` (None: results/bench/<default_name>; "-": nowhere), with its wall time."""
+    if out_arg != "-":
+        out = Path(out_arg) if out_arg else Path("results/bench") / default_name
         record["provenance"]["wall_s"] = round(time.time() - t_start, 2)
         write_json_atomic(out, record)
         print(f"record: {out}")
