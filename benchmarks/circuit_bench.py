@@ -77,7 +77,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--instance", type=int, default=0, help="index of the (gated) instance to use")
     ap.add_argument("--n-reference", type=int, default=12, help="heads timed on paths (b) and (c), per sweep")
     ap.add_argument("--chunk-size", type=int, default=64, help="patched rows per forward on path (a)")
-    ap.add_argument("--out", default=None, help="record path ('-' for none); default results/bench/circuit-<model>.json")
+    ap.add_argument("--out", default=None,
+                    help="record path ('-' for none); default results/bench/circuit-<model>.json")
     args = ap.parse_args(argv)
     started, t_start = now_iso(), time.time()
     prov = provenance(0, started, 0.0)

@@ -55,7 +55,8 @@ def decompose(clean: dict, corrupt: dict, p: int, T: int) -> dict:
     d = delta / norm
     a = [float((get(clean, "attn_out", li) - get(corrupt, "attn_out", li)) @ d) / norm for li in range(T + 1)]
     m = [float((get(clean, "mlp_out", li) - get(corrupt, "mlp_out", li)) @ d) / norm for li in range(T + 1)]
-    embed = [get(acts, "resid_post", 0) - get(acts, "attn_out", 0) - get(acts, "mlp_out", 0) for acts in (clean, corrupt)]
+    embed = [get(acts, "resid_post", 0) - get(acts, "attn_out", 0) - get(acts, "mlp_out", 0)
+             for acts in (clean, corrupt)]
     e = float((embed[0] - embed[1]) @ d) / norm
     return {"norm": norm, "attn": a, "mlp": m, "embed": e, "decomposition_error": abs(e + sum(a) + sum(m) - 1.0)}
 

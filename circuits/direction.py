@@ -223,8 +223,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                 if r["layers"][li]["heldout_auc_dm"] is not None]
         a["heldout_auc_dm"] = summarize([v for v, _ in aucs], [c for _, c in aucs], **boot)
         if all(r["layers"][li]["random"] for r in rows):
-            a["random_null"] = null_of_mean([r["layers"][li]["random"] for r in rows],
-                                            {k: [r["layers"][li][k] for r in rows] for k in ("along_dm", "along_probe")},
+            observed = {k: [r["layers"][li][k] for r in rows] for k in ("along_dm", "along_probe")}
+            a["random_null"] = null_of_mean([r["layers"][li]["random"] for r in rows], observed,
                                             alpha=stats["alpha"], n_means=n_means, seed=[int(stats["seed"]), i, 0])
         if all(r["layers"][li]["random_necessity"] for r in rows):
             a["random_necessity_null"] = null_of_mean(

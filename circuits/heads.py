@@ -111,7 +111,8 @@ def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4, backend
     return {"states": states, "token_ids": token_ids, "n_layers": L, "n_heads": H, "down": list(range(b, d)),
             "splice_rows": splice_rows, "notes": notes, "notes_readout": notes_readout,
             **{f"rows_{k}": v for k, v in rows.items()}, "dla": dla.tolist(), "dla_exact_path": exact,
-            "attn_decision_to_notes": attn_notes.flatten().tolist(), "attn_note_to_field": attn_field.flatten().tolist(),
+            "attn_decision_to_notes": attn_notes.flatten().tolist(),
+            "attn_note_to_field": attn_field.flatten().tolist(),
             "seconds": round(time.time() - t0, 3)}
 
 

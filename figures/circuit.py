@@ -9,7 +9,9 @@ Reads, per model, every record of the circuit probes (kvnotes.records.load_aggre
   direction/<m>/*.json    (b) per layer: DoM along, logistic-probe along, the norm-matched random null band, and the
                           full difference (the layer's ceiling)
   components/<m>/*.json   (c) per readout layer T: attention and MLP shares of the write at the top-1 note
-  (d) causal scrubbing is not built yet: the figure says so instead of drawing an empty panel.
+  scrub/<m>/*.json        (d) drift when notes / rest / both are resampled from a same-conclusion donor (another
+                          instance, another domain), and the notes' and the rest's interchange from the other arm
+                          beside the matched random note-set null
 Each record is one layout of the step-5 map (its tag names it; R->F / F->R from the layout), drawn in its own colour.
 
 Writes (under --out, default figures/): fig15_circuit_<model>.png/.pdf with a .csv / .md of exactly the plotted
@@ -36,7 +38,7 @@ from figures.fig3 import _save  # noqa: E402
 from figures.make_figures import DEFAULT_OUT, DEFAULT_RESULTS, STYLE, WONG, _parse_list, write_table  # noqa: E402
 from kvnotes.records import load_aggregates, load_index  # noqa: E402
 
-PROBES = ("heads", "direction", "components")
+PROBES = ("heads", "direction", "components", "scrub")
 PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"
 COMMAND = "python run.py -m experiment=circuit model={model}"
 R_TO_F = ("rule_first", "rule_first_user")
@@ -119,6 +121,26 @@ def plotted(agg: pd.DataFrame, model: str) -> pd.DataFrame:
                                  "lo": _get(sub, "components", layout, T, series, "ci_lo"),
                                  "hi": _get(sub, "components", layout, T, series, "ci_hi"),
                                  "n": _get(sub, "components", layout, T, series, "n")})
+        for kind in ("instance", "domain"):
+            for part in ("notes", "rest", "all"):
+                m = _get(sub, "scrub", layout, "drift", f"{kind}:{part}")
+                if m is not None:
+                    rows.append({"panel": "d", "layout": layout, "series": f"drift, {kind} donor", "x": part,
+                                 "mean": m, "lo": _get(sub, "scrub", layout, "drift", f"{kind}:{part}", "ci_lo"),
+                                 "hi": _get(sub, "scrub", layout, "drift", f"{kind}:{part}", "ci_hi"),
+                                 "n": _get(sub, "scrub", layout, "drift", f"{kind}:{part}", "n")})
+        for part in ("notes", "rest"):
+            m = _get(sub, "scrub", layout, "interchange", part)
+            if m is not None:
+                rows.append({"panel": "d", "layout": layout, "series": "interchange from the other arm", "x": part,
+                             "mean": m, "lo": _get(sub, "scrub", layout, "interchange", part, "ci_lo"),
+                             "hi": _get(sub, "scrub", layout, "interchange", part, "ci_hi"),
+                             "n": _get(sub, "scrub", layout, "interchange", part, "n")})
+        lo = _get(sub, "scrub", layout, "null_notes", "", "lo")
+        if lo is not None:
+            rows.append({"panel": "d", "layout": layout, "series": "random note sets (matched null)", "x": "notes",
+                         "mean": _get(sub, "scrub", layout, "null_notes", "", "median"), "lo": lo,
+                         "hi": _get(sub, "scrub", layout, "null_notes", "", "hi")})
     return pd.DataFrame(rows, columns=["panel", "layout", "series", "x", "mean", "lo", "hi", "n"])
 
 
@@ -127,6 +149,11 @@ def _legend(ax) -> None:
         ax.legend(fontsize=5.5, frameon=False)
     else:
         ax.text(0.5, 0.5, "no record", ha="center", va="center", transform=ax.transAxes, fontsize=7)
+
+
+def _f(series) -> np.ndarray:
+    """A column of the plotted table as floats (the table mixes numeric and categorical x across panels)."""
+    return pd.to_numeric(series).to_numpy(dtype=float)
 
 
 def figure(table: pd.DataFrame, model: str) -> Figure:
@@ -142,13 +169,14 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
                 s = table[(table["panel"] == "a") & (table["layout"] == layout)]
                 band = s[s["series"] == f"{sweep} random-k null"]
                 if len(band):
-                    ax.fill_between(band["x"], band["lo"], band["hi"], color=colours[layout], alpha=0.12, lw=0)
+                    ax.fill_between(_f(band["x"]), _f(band["lo"]), _f(band["hi"]), color=colours[layout], alpha=0.12,
+                                    lw=0)
                 cf = s[s["series"] == f"{sweep} cross-fitted"]
                 if len(cf):
-                    ax.plot(cf["x"], cf["mean"], ls=ls, marker="o", ms=2.5, color=colours[layout],
+                    ax.plot(_f(cf["x"]), _f(cf["mean"]), ls=ls, marker="o", ms=2.5, color=colours[layout],
                             label=f"{layout} ({order_of(layout)}) {sweep}")
         ax.set(xscale="log", xlabel="k heads patched jointly", ylabel="recovery", title="(a) read / write heads")
-        ks = sorted(set(table[table["panel"] == "a"]["x"]))
+        ks = sorted(set(_f(table[table["panel"] == "a"]["x"]).astype(int)))
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
         ax.axhline(0, color=WONG["grey"], lw=0.6)
@@ -158,11 +186,12 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
             s = table[(table["panel"] == "b") & (table["layout"] == layout)]
             band = s[s["series"] == "random (norm-matched) null"]
             if len(band):
-                ax.fill_between(band["x"], band["lo"], band["hi"], color=colours[layout], alpha=0.12, lw=0)
+                ax.fill_between(_f(band["x"]), _f(band["lo"]), _f(band["hi"]), color=colours[layout], alpha=0.12,
+                                lw=0)
             for series, ls in (("along_dm", "-"), ("along_probe", "--"), ("full", ":")):
                 p = s[s["series"] == series]
                 if len(p):
-                    ax.plot(p["x"], p["mean"], ls=ls, marker="o", ms=2.5, color=colours[layout],
+                    ax.plot(_f(p["x"]), _f(p["mean"]), ls=ls, marker="o", ms=2.5, color=colours[layout],
                             label=f"{layout} {series}")
         ax.set(xlabel="layer", ylabel="recovery", title="(b) conclusion direction vs random")
         ax.axhline(0, color=WONG["grey"], lw=0.6)
@@ -174,15 +203,29 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
             a, m = s[s["series"] == "attn_share"], s[s["series"] == "mlp_share"]
             if len(a):
                 xs = np.arange(len(a)) + i * width
-                ax.bar(xs, a["mean"], width, color=colours[layout], label=f"{layout} attention")
-                ax.bar(xs, m["mean"].to_numpy(), width, bottom=a["mean"].to_numpy(), color=colours[layout],
+                ax.bar(xs, _f(a["mean"]), width, color=colours[layout], label=f"{layout} attention")
+                ax.bar(xs, _f(m["mean"]), width, bottom=_f(a["mean"]), color=colours[layout],
                        alpha=0.35, label=f"{layout} MLP")
-                ax.set_xticks(np.arange(len(a)) + width * (len(layouts) - 1) / 2, [str(x) for x in a["x"]])
+                ax.set_xticks(np.arange(len(a)) + width * (len(layouts) - 1) / 2, [str(int(x)) for x in _f(a["x"])])
         ax.set(xlabel="readout layer T", ylabel="share of |δ_T|", title="(c) attention vs MLP write")
         _legend(ax)
-        axes[3].axis("off")
-        axes[3].text(0.02, 0.5, "(d) causal scrubbing:\nnot measured yet\n(no circuits/scrub probe)", fontsize=7,
-                     va="center")
+        ax = axes[3]
+        d = table[table["panel"] == "d"]
+        cats = list(dict.fromkeys(f"{s} | {x}" for s, x in zip(d["series"], d["x"])))
+        width = 0.8 / max(len(layouts), 1)
+        for i, layout in enumerate(layouts):
+            s = d[d["layout"] == layout]
+            xs = [cats.index(f"{a} | {b}") + i * width for a, b in zip(s["series"], s["x"])]
+            mean = s["mean"].astype(float).to_numpy()
+            lo = s["lo"].astype(float).fillna(s["mean"].astype(float)).to_numpy()
+            hi = s["hi"].astype(float).fillna(s["mean"].astype(float)).to_numpy()
+            ax.bar(xs, mean, width, color=colours[layout], label=layout,
+                   yerr=[np.maximum(mean - lo, 0), np.maximum(hi - mean, 0)], capsize=1.5)
+        ax.set_xticks(np.arange(len(cats)) + width * (len(layouts) - 1) / 2,
+                      [c.replace(" | ", "\n") for c in cats], rotation=90, fontsize=4.5)
+        ax.set(ylabel="drift / recovery", title="(d) causal scrubbing")
+        ax.axhline(0, color=WONG["grey"], lw=0.6)
+        _legend(ax)
         fig.suptitle(f"Fig. 15 on {model}", fontsize=8)
         fig.tight_layout()
     return fig
@@ -242,6 +285,15 @@ def circuit_table(agg: pd.DataFrame, paper_path: Path = PAPER_NUMBERS) -> pd.Dat
             c = sub[(sub["probe"] == "components") & (sub["layout"] == layout)]
             for T in sorted(set(c["metric"]), key=int):
                 add(model, layout, f"attention share at T = {T}", "components", T, "attn_share", "attn_share")
+            for kind in ("instance", "domain"):
+                for part in ("notes", "rest", "all"):
+                    add(model, layout, f"scrub drift, {part} from a same-conclusion {kind} donor", "scrub", "drift",
+                        f"{kind}:{part}", {"all": "scrub_drift_all", "notes": "scrub_drift_note",
+                                          "rest": "scrub_drift_rest"}[part])
+            for part in ("notes", "rest"):
+                add(model, layout, f"scrub interchange of the {part} from the other arm", "scrub", "interchange",
+                    part, f"scrub_{part}_opp")
+            add(model, layout, "scrub: random note sets from the other arm (null mean)", "scrub", "null_notes", "")
     return pd.DataFrame(rows)
 
 

@@ -55,7 +55,8 @@ class HeadSet:
         if patches:
             layers, heads, positions, values = zip(*patches)
             head_part = (torch.as_tensor(layers, dtype=torch.long), torch.as_tensor(heads, dtype=torch.long),
-                         torch.as_tensor(positions, dtype=torch.long), torch.stack([torch.as_tensor(v) for v in values]))
+                         torch.as_tensor(positions, dtype=torch.long),
+                         torch.stack([torch.as_tensor(v) for v in values]))
         else:
             head_part = (_EMPTY, _EMPTY, _EMPTY, torch.empty(0, 0))
         if adds:

@@ -227,7 +227,8 @@ class NNsightBackend:
     """The vocabulary through an nnsight trace of a transformers causal LM (paper_spec §9.2 items 6-9).
 
     `model`: a loaded `transformers` model (wrapped here in nnsight's `TransformersModel`), or an nnsight model already
-    built, e.g. `TransformersModel("meta-llama/Llama-3.1-8B", task="text-generation")` for NDIF. `remote`: False runs locally; True ships
+    built, e.g. `TransformersModel("meta-llama/Llama-3.1-8B", task="text-generation")` for NDIF. `remote`: False runs
+    locally; True ships
     each trace to NDIF (an API key in nnsight's config; the model must be one NDIF hosts); "local" is nnsight's
     serverless dry run of the remote path: the trace is serialised exactly as for NDIF, deserialised with this
     project's modules hidden, and run here, so a passing "local" run shows that the request a remote run sends is
@@ -247,8 +248,8 @@ class NNsightBackend:
             if remote is True:
                 raise ValueError("remote=True needs an nnsight model named by an NDIF-hosted repo id (NDIF runs its "
                                  "own copy of the weights); got a model loaded here. Build NNsightBackend("
-                                 "TransformersModel('meta-llama/Llama-3.1-8B', task='text-generation'), remote=True), or use "
-                                 "remote='local' for the serverless dry run")
+                                 "TransformersModel('meta-llama/Llama-3.1-8B', task='text-generation'), "
+                                 "remote=True), or use remote='local' for the serverless dry run")
             self.envoy = TransformersModel(model, tokenizer=tokenizer, task="text-generation")
         self.remote = remote
         hf = self.envoy._module

@@ -173,14 +173,16 @@ def _word(inst, polarity: str | None) -> str | None:
     return {"restrictive": inst.safe, "permissive": inst.unsafe}.get(polarity)
 
 
-def plan_donor(inst, kind: str, pool: list, pairs_info: dict, raws: dict, rows: dict, seed: int) -> dict:
+def plan_donor(inst, kind: str, pool: list, pairs_info: dict, raws: dict, rows: dict, seed: int,
+               conclusion: str = "opposite") -> dict:
     """The donor of one kind for `inst` (paper_spec §3.13, §8 W7: notes from a different prompt): the choice of
     random.Random(f"injection-donor:{seed}:{kind}:{inst.id}") among `pool` (included gated pairs of the same domain
     for "instance", of other domains for "domain"; sorted by id), the donor arm per direction (the one whose value
     implies the conclusion opposite to the base arm's: restrictive <-> permissive by each pair's safe word), the
     donor's own decision there (`rows`: pair_row of every pair) and its restrictive / permissive meaning in the
     recipient's words (`target`), and the role-key map of the recipient's downstream onto the donor's (`role_map`).
-    JSON-able; {"donor": None, "reason": ...} when there is no donor."""
+    With conclusion="same" the donor arm is the one concluding as the base arm does (causal scrubbing's resampling,
+    paper_spec §4.5). JSON-able; {"donor": None, "reason": ...} when there is no donor."""
     if not inst.direction_known:
         return {"donor": None, "reason": "this pair does not say which answer is restrictive, so no donor's "
                                          "conclusion can be matched to it"}
@@ -192,7 +194,8 @@ def plan_donor(inst, kind: str, pool: list, pairs_info: dict, raws: dict, rows: 
     dinfo, info = pairs_info[donor.id], pairs_info[inst.id]
     arms, decisions = {}, {}
     for name, (base, _) in DIRECTIONS.items():
-        want = "permissive" if _polarity(inst, getattr(inst, EXPECTED[base])) == "restrictive" else "restrictive"
+        own = _polarity(inst, getattr(inst, EXPECTED[base]))
+        want = own if conclusion == "same" else "permissive" if own == "restrictive" else "restrictive"
         arm = next((x for x in ("old", "new") if _polarity(donor, getattr(donor, EXPECTED[x])) == want), None)
         if arm is None:
             return {"donor": None, "reason": f"donor {donor.id} has no arm concluding {want}"}

@@ -22,7 +22,8 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("circuit")
     for probe, extra in (("heads", ("probe.n_null=20", "probe.n_null_write=10")),
                          ("components", ()),
-                         ("direction", ("probe.n_random=5", "probe.n_random_necessity=3", "probe.n_notes=3"))):
+                         ("direction", ("probe.n_random=5", "probe.n_random_necessity=3", "probe.n_notes=3")),
+                         ("scrub", ("probe.n_null=10", "n_instances=2"))):
         run_module.run(_cfg(root, f"probe={probe}", "model=tiny-llama", "tag=map-field_first_user-D0-Qlast-K1",
                             "scenario.params.layout=field_first_user", *extra, *RELAXED))
     return root
@@ -31,17 +32,23 @@ def results(tmp_path_factory):
 def test_figure_and_table_come_from_the_records(results, tmp_path, capsys):
     written = circuit.main(["--results", str(results), "--out", str(tmp_path)])
     assert (tmp_path / "fig15_circuit_tiny-llama.png").is_file() and (tmp_path / "tab_circuit.tex").is_file()
-    plotted = pd.read_csv(tmp_path / "fig15_circuit_tiny-llama.csv")
+    plotted = pd.read_csv(tmp_path / "fig15_circuit_tiny-llama.csv", dtype={"x": str})   # x: k, layer, T or a part
     heads = json.loads(next((results / "heads" / "tiny-llama").glob("*.json")).read_text())
-    row = plotted[(plotted["panel"] == "a") & (plotted["series"] == "read cross-fitted") & (plotted["x"] == 2)]
+    row = plotted[(plotted["panel"] == "a") & (plotted["series"] == "read cross-fitted") & (plotted["x"] == "2")]
     assert row["mean"].iloc[0] == pytest.approx(heads["aggregate"]["read"]["cum_cf"]["2"]["mean"])
-    band = plotted[(plotted["series"] == "read random-k null") & (plotted["x"] == 2)]
+    band = plotted[(plotted["series"] == "read random-k null") & (plotted["x"] == "2")]
     assert band["lo"].iloc[0] == pytest.approx(heads["aggregate"]["read"]["null"]["2"]["lo"])
     comp = json.loads(next((results / "components" / "tiny-llama").glob("*.json")).read_text())
     T = max(comp["aggregate"], key=int)
-    row = plotted[(plotted["panel"] == "c") & (plotted["series"] == "attn_share") & (plotted["x"] == int(T))]
+    row = plotted[(plotted["panel"] == "c") & (plotted["series"] == "attn_share") & (plotted["x"] == T)]
     assert row["mean"].iloc[0] == pytest.approx(comp["aggregate"][T]["attn_share"]["mean"])
     assert set(plotted["layout"]) == {"field_first_user"}
+    scrub = json.loads(next((results / "scrub" / "tiny-llama").glob("*.json")).read_text())
+    d = plotted[plotted["panel"] == "d"]
+    row = d[(d["series"] == "drift, instance donor") & (d["x"] == "notes")]
+    assert row["mean"].iloc[0] == pytest.approx(scrub["aggregate"]["drift"]["instance:notes"]["mean"])
+    band = plotted[(plotted["panel"] == "d") & (plotted["series"] == "random note sets (matched null)")]
+    assert band["hi"].iloc[0] == pytest.approx(scrub["aggregate"]["null_notes"]["hi"])
     tab = pd.read_csv(tmp_path / "tab_circuit.csv")
     paper_models, paper = circuit.paper_rows()
     k2 = tab[tab["quantity"] == "read heads, joint top-2, cross-fitted"]
@@ -57,4 +64,4 @@ def test_a_missing_probe_is_named(results, tmp_path, capsys):
     shutil.copytree(results / "heads", part / "heads")
     circuit.main(["--results", str(part), "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert "no direction record" in out and "no components record" in out
+    assert "no direction record" in out and "no components record" in out and "no scrub record" in out

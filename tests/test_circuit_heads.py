@@ -63,7 +63,8 @@ def test_plan_invariants_and_sanity(record):
     for row in record["instances"]:
         for sweep in heads.SWEEPS:
             sets = row["plan"]["sets"][sweep]
-            assert row["scenario"] not in sets["cf_scenarios"] and set(sets["cf_scenarios"]) <= set(by_scenario.values())
+            assert row["scenario"] not in sets["cf_scenarios"]
+            assert set(sets["cf_scenarios"]) <= set(by_scenario.values())
             n = 30 if sweep == "read" else 20
             assert {k: len(v) for k, v in row[f"null_{sweep}"].items() if k != "1"} == {
                 str(k): n for k in heads.KS if 1 < k < n_heads}
@@ -80,7 +81,8 @@ def test_dla_is_the_direct_path(record):
     """DLA of a head, recomputed by hand: W_O^h (z_clean - z_corrupt) . grad of the margin through the final norm."""
     row = max(record["instances"], key=lambda r: abs(r["delta_m"]))
     lm, pair, nns = _setup(row)
-    ro = next(g for g in record["readout"]["per_group"] if set(g["candidates"].values()) == set(pair.instance.candidates))
+    ro = next(g for g in record["readout"]["per_group"]
+              if set(g["candidates"].values()) == set(pair.instance.candidates))
     L, H, dh, d = nns.n_layers, nns.n_heads, nns.d_head, pair.dpos
     caps = [Capture("z", L - 1), Capture("resid_post", L - 1)]
     clean, corrupt = nns.run(pair.new_ids, captures=caps).acts, nns.run(pair.old_ids, captures=caps).acts

@@ -69,7 +69,7 @@ def test_batched_head_patches_equal_full_forward_patches(setup, mode):
     moved = 0.0
     for i, s in enumerate(sets):
         ref = reference(nns, ids, s)
-        assert max_abs(got[i], ref) <= TOL, f"set {i}: engine vs full-forward patch differ by {max_abs(got[i], ref):.3g}"
+        assert max_abs(got[i], ref) <= TOL, f"set {i}: engine vs full forward differ by {max_abs(got[i], ref):.3g}"
         moved = max(moved, max_abs(ref, base))
     assert moved > 1e-3, "no patch moved the logits; the comparison would be empty"
 
