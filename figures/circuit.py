@@ -203,17 +203,19 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
             a, m = s[s["series"] == "attn_share"], s[s["series"] == "mlp_share"]
             if len(a):
                 xs = np.arange(len(a)) + i * width
-                ax.bar(xs, _f(a["mean"]), width, color=colours[layout], label=f"{layout} attention")
-                ax.bar(xs, _f(m["mean"]), width, bottom=_f(a["mean"]), color=colours[layout],
-                       alpha=0.35, label=f"{layout} MLP")
+                ax.bar(xs, _f(a["mean"]), width, color=colours[layout], label=layout)
+                ax.bar(xs, _f(m["mean"]), width, bottom=_f(a["mean"]), color=colours[layout], alpha=0.35)
                 ax.set_xticks(np.arange(len(a)) + width * (len(layouts) - 1) / 2, [str(int(x)) for x in _f(a["x"])])
-        ax.set(xlabel="readout layer T", ylabel="share of |δ_T|", title="(c) attention vs MLP write")
+        ax.set(xlabel="readout layer T", ylabel="share of |δ_T|", ylim=(0, 1.45),
+               title="(c) attention vs MLP write")
+        ax.text(0.02, 0.97, "dark: attention, light: MLP", transform=ax.transAxes, fontsize=5.5, va="top")
         _legend(ax)
         ax = axes[3]
         d = table[table["panel"] == "d"]
         cats = list(dict.fromkeys(f"{s} | {x}" for s, x in zip(d["series"], d["x"])))
-        width = 0.8 / max(len(layouts), 1)
-        for i, layout in enumerate(layouts):
+        here = [x for x in layouts if x in set(d["layout"])]
+        width = 0.8 / max(len(here), 1)
+        for i, layout in enumerate(here):
             s = d[d["layout"] == layout]
             xs = [cats.index(f"{a} | {b}") + i * width for a, b in zip(s["series"], s["x"])]
             mean = s["mean"].astype(float).to_numpy()
@@ -221,7 +223,7 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
             hi = s["hi"].astype(float).fillna(s["mean"].astype(float)).to_numpy()
             ax.bar(xs, mean, width, color=colours[layout], label=layout,
                    yerr=[np.maximum(mean - lo, 0), np.maximum(hi - mean, 0)], capsize=1.5)
-        ax.set_xticks(np.arange(len(cats)) + width * (len(layouts) - 1) / 2,
+        ax.set_xticks(np.arange(len(cats)) + width * (len(here) - 1) / 2,
                       [c.replace(" | ", "\n") for c in cats], rotation=90, fontsize=4.5)
         ax.set(ylabel="drift / recovery", title="(d) causal scrubbing")
         ax.axhline(0, color=WONG["grey"], lw=0.6)
