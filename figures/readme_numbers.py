@@ -344,8 +344,8 @@ def render_regime(block_id: str, spec: dict, results: Path) -> str:
         raise RecordError(f"record {path} has no cell of {spec['model']} with {spec.get('where', {})}")
 
     def est(c):
-        if c["mean"] is None:
-            return "n/a"
+        if c["mean"] is None:        # a cell where no pair passes the inclusion rule: a finding, said in words
+            return "no pair included" if not c.get("n") else "n/a"
         ci = "" if c["lo"] is None else f" [{_number(c['lo'], digits)}, {_number(c['hi'], digits)}]"
         return f"{_number(c['mean'], digits)}{ci}"
 
