@@ -84,63 +84,44 @@ def plotted(agg: pd.DataFrame, model: str) -> pd.DataFrame:
     """The numbers Fig. 15 plots for `model`: one row per (panel, layout, series, x)."""
     sub = agg[agg["model"] == model]
     rows = []
+
+    def summary(panel, layout, series, x, probe, metric, key):
+        """A clustered summary (mean, CI, n) of the records, if present."""
+        m = _get(sub, probe, layout, metric, key)
+        if m is not None:
+            rows.append({"panel": panel, "layout": layout, "series": series, "x": x, "mean": m,
+                         **{c: _get(sub, probe, layout, metric, key, src)
+                            for c, src in (("lo", "ci_lo"), ("hi", "ci_hi"), ("n", "n"))}})
+
+    def null(panel, layout, series, x, probe, metric, key):
+        """A null band (median, 2.5-97.5 % of the null means), if present."""
+        lo = _get(sub, probe, layout, metric, key, "lo")
+        if lo is not None:
+            rows.append({"panel": panel, "layout": layout, "series": series, "x": x, "lo": lo,
+                         "mean": _get(sub, probe, layout, metric, key, "median"),
+                         "hi": _get(sub, probe, layout, metric, key, "hi")})
+
     for layout in sorted(set(sub["layout"])):
         for sweep in ("read", "write1", "writeN"):
             for k in ("1", "2", "3", "5", "8", "12", "20"):
-                for series, key in (("cross-fitted", f"cum_cf/{k}"), ("in-sample", f"cum_in/{k}")):
-                    m = _get(sub, "heads", layout, sweep, key)
-                    if m is not None:
-                        rows.append({"panel": "a", "layout": layout, "series": f"{sweep} {series}", "x": int(k),
-                                     "mean": m, "lo": _get(sub, "heads", layout, sweep, key, "ci_lo"),
-                                     "hi": _get(sub, "heads", layout, sweep, key, "ci_hi"),
-                                     "n": _get(sub, "heads", layout, sweep, key, "n")})
-                lo, hi = (_get(sub, "heads", layout, sweep, f"null/{k}", q) for q in ("lo", "hi"))
-                if lo is not None:
-                    rows.append({"panel": "a", "layout": layout, "series": f"{sweep} random-k null", "x": int(k),
-                                 "mean": _get(sub, "heads", layout, sweep, f"null/{k}", "median"), "lo": lo, "hi": hi})
+                for series, kind in (("cross-fitted", "cf"), ("in-sample", "in")):
+                    summary("a", layout, f"{sweep} {series}", int(k), "heads", sweep, f"cum_{kind}/{k}")
+                null("a", layout, f"{sweep} random-k null", int(k), "heads", sweep, f"null/{k}")
         d = sub[(sub["probe"] == "direction") & (sub["layout"] == layout)]
         for li in sorted(set(d["metric"]), key=int):
             for series in ("along_dm", "along_probe", "full", "necessity_dm"):
-                m = _get(sub, "direction", layout, li, series)
-                if m is not None:
-                    rows.append({"panel": "b", "layout": layout, "series": series, "x": int(li), "mean": m,
-                                 "lo": _get(sub, "direction", layout, li, series, "ci_lo"),
-                                 "hi": _get(sub, "direction", layout, li, series, "ci_hi"),
-                                 "n": _get(sub, "direction", layout, li, series, "n")})
-            lo = _get(sub, "direction", layout, li, "random_null", "lo")
-            if lo is not None:
-                rows.append({"panel": "b", "layout": layout, "series": "random (norm-matched) null", "x": int(li),
-                             "mean": _get(sub, "direction", layout, li, "random_null", "median"), "lo": lo,
-                             "hi": _get(sub, "direction", layout, li, "random_null", "hi")})
+                summary("b", layout, series, int(li), "direction", li, series)
+            null("b", layout, "random (norm-matched) null", int(li), "direction", li, "random_null")
         c = sub[(sub["probe"] == "components") & (sub["layout"] == layout)]
         for T in sorted(set(c["metric"]), key=int):
             for series in ("attn_share", "mlp_share"):
-                m = _get(sub, "components", layout, T, series)
-                if m is not None:
-                    rows.append({"panel": "c", "layout": layout, "series": series, "x": int(T), "mean": m,
-                                 "lo": _get(sub, "components", layout, T, series, "ci_lo"),
-                                 "hi": _get(sub, "components", layout, T, series, "ci_hi"),
-                                 "n": _get(sub, "components", layout, T, series, "n")})
+                summary("c", layout, series, int(T), "components", T, series)
         for kind in ("instance", "domain"):
             for part in ("notes", "rest", "all"):
-                m = _get(sub, "scrub", layout, "drift", f"{kind}:{part}")
-                if m is not None:
-                    rows.append({"panel": "d", "layout": layout, "series": f"drift, {kind} donor", "x": part,
-                                 "mean": m, "lo": _get(sub, "scrub", layout, "drift", f"{kind}:{part}", "ci_lo"),
-                                 "hi": _get(sub, "scrub", layout, "drift", f"{kind}:{part}", "ci_hi"),
-                                 "n": _get(sub, "scrub", layout, "drift", f"{kind}:{part}", "n")})
+                summary("d", layout, f"drift, {kind} donor", part, "scrub", "drift", f"{kind}:{part}")
         for part in ("notes", "rest"):
-            m = _get(sub, "scrub", layout, "interchange", part)
-            if m is not None:
-                rows.append({"panel": "d", "layout": layout, "series": "interchange from the other arm", "x": part,
-                             "mean": m, "lo": _get(sub, "scrub", layout, "interchange", part, "ci_lo"),
-                             "hi": _get(sub, "scrub", layout, "interchange", part, "ci_hi"),
-                             "n": _get(sub, "scrub", layout, "interchange", part, "n")})
-        lo = _get(sub, "scrub", layout, "null_notes", "", "lo")
-        if lo is not None:
-            rows.append({"panel": "d", "layout": layout, "series": "random note sets (matched null)", "x": "notes",
-                         "mean": _get(sub, "scrub", layout, "null_notes", "", "median"), "lo": lo,
-                         "hi": _get(sub, "scrub", layout, "null_notes", "", "hi")})
+            summary("d", layout, "interchange from the other arm", part, "scrub", "interchange", part)
+        null("d", layout, "random note sets (matched null)", "notes", "scrub", "null_notes", "")
     return pd.DataFrame(rows, columns=["panel", "layout", "series", "x", "mean", "lo", "hi", "n"])
 
 

@@ -33,12 +33,19 @@ that both execute, which is what lets a test require the two libraries to agree 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
 
 SITES = ("z", "attn_out", "mlp_out", "resid_post", "pattern")
+
+
+def _rows(owner: str, name: str, tensor: torch.Tensor, n: int, width: str) -> None:
+    """ValueError unless `tensor` is [n, width]: one row per position of the intervention."""
+    if tensor.dim() != 2 or tensor.shape[0] != n:
+        raise ValueError(f"{owner}.{name} must be [len(positions)={n}, {width}]; got {tuple(tensor.shape)}")
 
 
 def _positions(positions) -> tuple[int, ...]:
@@ -62,9 +69,7 @@ class HeadPatch:
 
     def __post_init__(self):
         object.__setattr__(self, "positions", _positions(self.positions))
-        if self.values.dim() != 2 or self.values.shape[0] != len(self.positions):
-            raise ValueError(f"HeadPatch.values must be [len(positions)={len(self.positions)}, d_head]; "
-                             f"got {tuple(self.values.shape)}")
+        _rows("HeadPatch", "values", self.values, len(self.positions), "d_head")
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,9 +85,7 @@ class Patch:
         object.__setattr__(self, "positions", _positions(self.positions))
         if self.site not in ("attn_out", "mlp_out", "resid_post"):
             raise ValueError(f"Patch.site must be 'attn_out', 'mlp_out' or 'resid_post'; got {self.site!r}")
-        if self.values.dim() != 2 or self.values.shape[0] != len(self.positions):
-            raise ValueError(f"Patch.values must be [len(positions)={len(self.positions)}, d_model]; "
-                             f"got {tuple(self.values.shape)}")
+        _rows("Patch", "values", self.values, len(self.positions), "d_model")
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,9 +98,7 @@ class ResidAdd:
 
     def __post_init__(self):
         object.__setattr__(self, "positions", _positions(self.positions))
-        if self.vectors.dim() != 2 or self.vectors.shape[0] != len(self.positions):
-            raise ValueError(f"ResidAdd.vectors must be [len(positions)={len(self.positions)}, d_model]; "
-                             f"got {tuple(self.vectors.shape)}")
+        _rows("ResidAdd", "vectors", self.vectors, len(self.positions), "d_model")
 
 
 @dataclass(frozen=True, eq=False)
@@ -274,7 +275,7 @@ class NNsightBackend:
         layers = sorted({li for _, li in todo})
         eager = any(c.site == "pattern" for c in captures)
         kwargs = {"remote": self.remote} if self.remote else {}
-        ctx = kv.attention_implementation(self.hf, "eager") if eager else _null()
+        ctx = kv.attention_implementation(self.hf, "eager") if eager else contextlib.nullcontext()
         with ctx, torch.inference_mode(), envoy.trace(ids[None], **kwargs):
             saved = save({})
             for li in layers:
@@ -322,14 +323,6 @@ class NNsightBackend:
         with torch.inference_mode():
             x = resid.to(self.hf.dtype)
             return unembed(self.hf, self.hf.model.norm(x)).float()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------- TransformerLens
