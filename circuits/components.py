@@ -19,16 +19,16 @@ import time
 
 import torch
 
-from circuits.common import note_positions
-from kvnotes.interventions import Capture, NNsightBackend
+from circuits.common import library_backend, pair_notes
+from kvnotes.interventions import Capture
 from kvnotes.stats import summarize
 from probes.base import ProbeSpec
-from probes.common import Split, band, boot_args, end_states, pair_row, prefill_pair, readout_key
+from probes.common import Split, band, boot_args, pair_row, readout_key
 
 CONTRACT = ProbeSpec(
     name="components", paper_refs=("§4.3", "Fig15c", "tab:circuit"),
-    options={"readout_fracs": [0.33, 0.5, 0.67, 1.0]},
-    measure_options=("readout_fracs",),
+    options={"readout_fracs": [0.33, 0.5, 0.67, 1.0], "backend": "engine"},
+    measure_options=("readout_fracs", "backend"),
     not_reanalysable="its rows keep the per-layer projections, not the residual differences they project")
 SITES = ("attn_out", "mlp_out", "resid_post")
 
@@ -61,13 +61,11 @@ def decompose(clean: dict, corrupt: dict, p: int, T: int) -> dict:
     return {"norm": norm, "attn": a, "mlp": m, "embed": e, "decomposition_error": abs(e + sum(a) + sum(m) - 1.0)}
 
 
-def measure(lm, pair, token_ids, readout_fracs=(0.33, 0.5, 0.67, 1.0)) -> dict:
+def measure(lm, pair, token_ids, readout_fracs=(0.33, 0.5, 0.67, 1.0), backend: str = "engine") -> dict:
     t0 = time.time()
     token_ids = sorted(set(int(t) for t in token_ids))
-    stale, oracle, last = prefill_pair(lm.model, pair)
-    states = end_states(lm.model, stale, oracle, last, token_ids)
-    notes, _, notes_readout = note_positions(lm, pair, stale, oracle, last, states, token_ids, 1)
-    nns = NNsightBackend(lm.model, lm.tokenizer)
+    states, notes, _, notes_readout = pair_notes(lm, pair, token_ids, 1, backend)
+    nns = library_backend(lm, backend)
     L = nns.n_layers
     ts = readout_layers(readout_fracs, L)
     caps = [Capture(s, li) for s in SITES for li in range(L)]

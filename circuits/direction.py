@@ -28,13 +28,12 @@ import time
 import numpy as np
 import torch
 
-from circuits.common import note_positions, patched_logits
+from circuits.common import library_backend, pair_notes, patched_logits
 from kvnotes.heads import HeadSet
-from kvnotes.interventions import Capture, NNsightBackend
+from kvnotes.interventions import Capture
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
-from probes.common import (Split, boot_args, end_states, included_rows, margins, pair_row, prefill_pair,
-                           readout_key)
+from probes.common import Split, boot_args, included_rows, margins, pair_row, readout_key
 
 CONTRACT = ProbeSpec(
     name="direction", paper_refs=("§4.4", "Fig15b", "tab:circuit"),
@@ -53,9 +52,9 @@ def layers_of(fracs, n_layers: int) -> list[int]:
     return sorted({round(float(f) * (n_layers - 1)) for f in fracs})
 
 
-def _resid(lm, pair, layers, notes) -> tuple[dict, dict]:
+def _resid(lm, pair, layers, notes, backend: str = "engine") -> tuple[dict, dict]:
     """{layer: [n_notes, D]} residuals after each layer at the note positions, clean and corrupt."""
-    nns = NNsightBackend(lm.model, lm.tokenizer)
+    nns = library_backend(lm, backend)
     caps = [Capture("resid_post", li) for li in layers]
     out = []
     for ids in (pair.new_ids, pair.old_ids):
@@ -68,11 +67,9 @@ def measure(lm, pair, token_ids, batch_size: int = 32, n_notes: int = 8,
             layer_fracs=(0.33, 0.5, 0.67, 0.83), backend: str = "engine") -> dict:
     t0 = time.time()
     token_ids = sorted(set(int(t) for t in token_ids))
-    stale, oracle, last = prefill_pair(lm.model, pair)
-    states = end_states(lm.model, stale, oracle, last, token_ids)
-    notes, _, notes_readout = note_positions(lm, pair, stale, oracle, last, states, token_ids, n_notes)
+    states, notes, _, notes_readout = pair_notes(lm, pair, token_ids, n_notes, backend)
     layers = layers_of(layer_fracs, lm.model.config.num_hidden_layers)
-    clean, corrupt = _resid(lm, pair, layers, notes)
+    clean, corrupt = _resid(lm, pair, layers, notes, backend)
     return {"states": states, "token_ids": token_ids, "notes": notes, "notes_readout": notes_readout,
             "layers": layers, "resid_clean": {str(li): clean[li].tolist() for li in layers},
             "resid_corrupt": {str(li): corrupt[li].tolist() for li in layers}, "seconds": round(time.time() - t0, 3)}
@@ -139,7 +136,7 @@ def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 32, n_note
     token_ids = sorted(set(int(t) for t in token_ids))
     notes = plan["notes"]
     layers = [int(li) for li in plan["directions"]]
-    clean, corrupt = _resid(lm, pair, layers, notes)
+    clean, corrupt = _resid(lm, pair, layers, notes, backend)
     start = min(notes)
     out = {}
     for li in layers:

@@ -33,18 +33,17 @@ import time
 import torch
 from scipy.stats import spearmanr
 
-from circuits.common import note_positions, patched_logits
+from circuits.common import library_backend, pair_notes, patched_logits
 from kvnotes.engine import unembed
 from kvnotes.heads import HeadSet
-from kvnotes.interventions import Capture, NNsightBackend
+from kvnotes.interventions import Capture
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
-from probes.common import (Split, boot_args, end_states, included_rows, margins, pair_row, prefill_pair,
-                           readout_key)
+from probes.common import Split, boot_args, included_rows, margins, pair_row, readout_key
 
 CONTRACT = ProbeSpec(
     name="heads", paper_refs=("§4.1", "§4.2", "Fig15a", "tab:circuit"),
-    options={"batch_size": 64, "n_notes": 4, "n_null": 200, "n_null_write": 50, "null_seed": 0, "backend": "engine"},
+    options={"batch_size": 64, "n_notes": 4, "n_null": 200, "n_null_write": 20, "null_seed": 0, "backend": "engine"},
     measure_options=("batch_size", "n_notes", "backend"),
     second_pass=True,
     not_reanalysable="its rows keep recoveries, not the candidate-token logits of pass 2's joint sets")
@@ -53,9 +52,9 @@ KS = (1, 2, 3, 5, 8, 12, 20)
 JACCARD_K = 8
 
 
-def _clean_z(lm, pair):
-    """{layer: z [S, H, d_head]} of the clean (new-value) prompt, through the nnsight backend."""
-    nns = NNsightBackend(lm.model, lm.tokenizer)
+def _clean_z(lm, pair, backend: str = "engine"):
+    """(the capture backend, {layer: z [S, H, d_head]} of the clean (new-value) prompt)."""
+    nns = library_backend(lm, backend)
     acts = nns.run(pair.new_ids, captures=[Capture("z", li) for li in range(nns.n_layers)]).acts
     return nns, {c.layer: z for c, z in acts.items()}
 
@@ -68,8 +67,18 @@ def _sets(heads, positions, z) -> list:
     return [HeadSet.of([(li, h, p, z[li][p, h]) for li, h in hs for p in positions]) for hs in heads]
 
 
-def _dla(lm, nns, pair, z_clean, token_ids) -> tuple[torch.Tensor, bool]:
-    """[L * H, n_tokens]: each head's direct logit attribution at the decision token, clean minus corrupt."""
+def _post_norms(model) -> bool:
+    """True where the decoder layers norm the attention output after W_O (Gemma-2/3): DLA through W_O is then
+    approximate."""
+    return hasattr(model.get_decoder().layers[0], "post_feedforward_layernorm")
+
+
+def _dla(lm, nns, pair, z_clean, token_ids) -> tuple[torch.Tensor | None, bool | None]:
+    """[L * H, n_tokens]: each head's direct logit attribution at the decision token, clean minus corrupt; and
+    whether the path is exact (no norm after W_O). (None, None) on a remote model (model.remote=true): its weights
+    and the gradient through its final norm are not here."""
+    if lm.spec.get("remote") is True:
+        return None, None
     model, d, L = lm.model, pair.dpos, nns.n_layers
     run = nns.run(pair.old_ids, captures=[Capture("z", li) for li in range(L)] + [Capture("resid_post", L - 1)])
     r = run.acts[Capture("resid_post", L - 1)][d].detach().clone().requires_grad_(True)
@@ -83,20 +92,16 @@ def _dla(lm, nns, pair, z_clean, token_ids) -> tuple[torch.Tensor, bool]:
         dz = z_clean[li][d] - run.acts[Capture("z", li)][d]                               # [H, d_head]
         contrib = torch.einsum("dhk,hk->hd", w_o.view(-1, H, dh), dz)                   # [H, D]
         out[li * H:(li + 1) * H] = contrib @ grads.T.float()
-    return out, not nns.post_norms
+    return out, not _post_norms(model)
 
 
 def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4, backend: str = "engine") -> dict:
     t0 = time.time()
     token_ids = sorted(set(int(t) for t in token_ids))
-    model = lm.model
-    stale, oracle, last = prefill_pair(model, pair)
-    states = end_states(model, stale, oracle, last, token_ids)
+    states, notes, splice_rows, notes_readout = pair_notes(lm, pair, token_ids, n_notes, backend)
     a, b = pair.span
     d = pair.dpos
-    notes, splice_rows, notes_readout = note_positions(lm, pair, stale, oracle, last, states, token_ids, n_notes)
-
-    nns, z = _clean_z(lm, pair)
+    nns, z = _clean_z(lm, pair, backend)
     L, H = nns.n_layers, nns.n_heads
     heads = [((li, h),) for li in range(L) for h in range(H)]
     rows = {}
@@ -105,14 +110,17 @@ def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4, backend
         rows[sweep] = patched_logits(lm, pair.old_ids, min(pos), _sets(heads, pos, z), token_ids, backend,
                                      batch_size).tolist()
     dla, exact = _dla(lm, nns, pair, z, token_ids)
-    pat = nns.run(pair.new_ids, captures=[Capture("pattern", li) for li in range(L)]).acts
-    attn_notes = torch.stack([pat[Capture("pattern", li)][:, d, notes].sum(-1) for li in range(L)])   # [L, H]
-    attn_field = torch.stack([pat[Capture("pattern", li)][:, notes[0], a:b].sum(-1) for li in range(L)])
+    attn_notes = attn_field = None
+    if lm.spec.get("remote") is not True:   # probabilities need eager attention, which a hosted model may not run
+        pat = nns.run(pair.new_ids, captures=[Capture("pattern", li) for li in range(L)]).acts
+        attn_notes = torch.stack([pat[Capture("pattern", li)][:, d, notes].sum(-1) for li in range(L)]).flatten()
+        attn_field = torch.stack([pat[Capture("pattern", li)][:, notes[0], a:b].sum(-1) for li in range(L)]).flatten()
     return {"states": states, "token_ids": token_ids, "n_layers": L, "n_heads": H, "down": list(range(b, d)),
             "splice_rows": splice_rows, "notes": notes, "notes_readout": notes_readout,
-            **{f"rows_{k}": v for k, v in rows.items()}, "dla": dla.tolist(), "dla_exact_path": exact,
-            "attn_decision_to_notes": attn_notes.flatten().tolist(),
-            "attn_note_to_field": attn_field.flatten().tolist(),
+            **{f"rows_{k}": v for k, v in rows.items()}, "dla": None if dla is None else dla.tolist(),
+            "dla_exact_path": exact,
+            "attn_decision_to_notes": None if attn_notes is None else attn_notes.tolist(),   # [L * H]
+            "attn_note_to_field": None if attn_field is None else attn_field.tolist(),
             "seconds": round(time.time() - t0, 3)}
 
 
@@ -172,7 +180,7 @@ def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 64, n_note
     if not plan.get("included_at_plan"):
         return {"sweeps": {}, "seconds": 0.0}
     token_ids = sorted(set(int(t) for t in token_ids))
-    nns, z = _clean_z(lm, pair)
+    nns, z = _clean_z(lm, pair, backend)
     H = nns.n_heads
     notes = plan["notes"]
     out = {}
@@ -222,8 +230,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                     "n_layers": raw["n_layers"], "n_heads": raw["n_heads"], "dla_exact_path": raw["dla_exact_path"]})
         if row["delta_m"]:
             idx = {t: i for i, t in enumerate(raw["token_ids"])}
-            dla = torch.tensor(raw["dla"], dtype=torch.float64)
-            row["dla_read"] = ((dla[:, idx[ro.safe_id]] - dla[:, idx[ro.unsafe_id]]) / row["delta_m"]).tolist()
+            if raw["dla"] is not None:
+                dla = torch.tensor(raw["dla"], dtype=torch.float64)
+                row["dla_read"] = ((dla[:, idx[ro.safe_id]] - dla[:, idx[ro.unsafe_id]]) / row["delta_m"]).tolist()
             row["attn_read"] = raw["attn_decision_to_notes"]
             row["attn_write"] = raw["attn_note_to_field"]
             for sweep in SWEEPS:
@@ -259,8 +268,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
         ranked = []
         for i in order[:15]:
             e = {"head": _name(i, n_heads), **summarize(per_head[:, i].tolist(), cl, **boot),
-                 "attn_mean": sum(r[attn_key][i] for r in rows) / len(rows)}
-            if sweep == "read":
+                 "attn_mean": (sum(r[attn_key][i] for r in rows) / len(rows)
+                               if all(r[attn_key] is not None for r in rows) else None)}
+            if sweep == "read" and all("dla_read" in r for r in rows):
                 e["dla_mean"] = sum(r["dla_read"][i] for r in rows) / len(rows)
             ranked.append(e)
         a["heads_ranked"] = ranked
@@ -288,7 +298,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                                                     if pairs else None),
                           "n_pairs": len(rows),
                           "pooled_top_in_pair_top": {_name(i, n_heads): sum(i in t for t in tops) for i in pooled}}
-        if sweep == "read":
+        if sweep == "read" and not all("dla_read" in r for r in rows):
+            a["dla_vs_exact"] = {"not_computed": "a remote model (model.remote=true): no local weights for DLA"}
+        elif sweep == "read":
             rho = [float(spearmanr(r["dla_read"], r["single_read"]).statistic) for r in rows]
             jac = [_jaccard(_order(r["dla_read"])[:JACCARD_K], _order(r["single_read"])[:JACCARD_K]) for r in rows]
             a["dla_vs_exact"] = {"spearman": summarize(rho, cl, **boot), f"top{JACCARD_K}_jaccard":

@@ -23,6 +23,10 @@ attn_out      what the attention block adds to the residual: `self_attn`      `b
 mlp_out       `mlp` output, or `post_feedforward_layernorm` output (Gemma-3)  `blocks.l.hook_mlp_out`
 resid_post    output of decoder layer l (= hidden_states[l + 1])            `blocks.l.hook_resid_post`
 pattern       attention probabilities, [H, S, S] (eager attention)          `blocks.l.attn.hook_pattern`
+k, v          output of `self_attn.k_proj` / `v_proj`, [S, n_kv_heads *        `blocks.l.attn.hook_k` / `hook_v`
+              d_head]: before any k-norm and RoPE, which are functions of    (flattened over the KV heads)
+              it and the position, so patching k and v at a position sets
+              the cached K/V there (`kv_splice` below)
 ============  ============================================================  =====================================
 
 All positions are absolute indices into the one sequence a run takes (no batch axis: a run is one prompt; batching
@@ -39,7 +43,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-SITES = ("z", "attn_out", "mlp_out", "resid_post", "pattern")
+SITES = ("z", "attn_out", "mlp_out", "resid_post", "pattern", "k", "v")
+RESID_SITES = ("attn_out", "mlp_out", "resid_post")
+PATCH_SITES = (*RESID_SITES, "k", "v")
 
 
 def _rows(owner: str, name: str, tensor: torch.Tensor, n: int, width: str) -> None:
@@ -74,8 +80,9 @@ class HeadPatch:
 
 @dataclass(frozen=True, eq=False)
 class Patch:
-    """Set a whole component at `positions` of layer `layer` to `values` [len(positions), d_model]: activation
-    patching of `site` "attn_out", "mlp_out" or "resid_post" (paper_spec §9.2; for one head use HeadPatch)."""
+    """Set a whole component at `positions` of layer `layer` to `values` [len(positions), width]: activation
+    patching of `site` "attn_out", "mlp_out" or "resid_post" (width d_model; paper_spec §9.2; for one head use
+    HeadPatch), or of the key / value projections "k" / "v" (width n_kv_heads * d_head: a K/V splice, `kv_splice`)."""
     site: str
     layer: int
     positions: tuple[int, ...]
@@ -83,9 +90,10 @@ class Patch:
 
     def __post_init__(self):
         object.__setattr__(self, "positions", _positions(self.positions))
-        if self.site not in ("attn_out", "mlp_out", "resid_post"):
-            raise ValueError(f"Patch.site must be 'attn_out', 'mlp_out' or 'resid_post'; got {self.site!r}")
-        _rows("Patch", "values", self.values, len(self.positions), "d_model")
+        if self.site not in PATCH_SITES:
+            raise ValueError(f"Patch.site must be one of {PATCH_SITES}; got {self.site!r}")
+        _rows("Patch", "values", self.values, len(self.positions), "d_model" if self.site in RESID_SITES
+              else "n_kv_heads * d_head")
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,10 +146,37 @@ class Ablate:
 Intervention = HeadPatch | Patch | ResidAdd | ResidProject | Ablate
 
 
+def kv_splice(donor: dict, base: dict, n_layers: int, splice: Sequence[int], end: int) -> list[Patch]:
+    """A K/V cache splice written as full-forward patches, so that a library backend (nnsight, also remote on NDIF,
+    or TransformerLens) computes what `kvnotes.engine.SpliceEngine` computes (paper_spec §3.1 cache-state splice).
+
+    The engine decodes the token at `end` from the base prompt's cache [0, end) with the K/V at `splice` taken from
+    the donor's; nothing before `end` is recomputed. In one forward of base ids[:end + 1] that is: at every layer,
+    k and v at `splice` from `donor`, and at every later position before `end` the base run's own k and v (held,
+    so the recomputed positions cannot carry the splice on; positions before the first spliced one are untouched).
+    k / v are the projections before any k-norm and RoPE, which depend only on them and the position, so the
+    cached K/V equal the engine's. donor, base: {Capture("k" | "v", layer): [S, n_kv_heads * d_head]} of the donor
+    and the base run (the same positions). Returns the Patch list; ValueError when `splice` is empty or not before
+    `end`."""
+    splice = sorted(int(p) for p in splice)
+    if not splice or splice[-1] >= end or splice[0] < 0:
+        raise ValueError(f"kv_splice: spliced positions {splice} must be non-empty and lie in [0, end={end})")
+    spliced = set(splice)
+    pos = list(range(splice[0], end))
+    out = []
+    for li in range(n_layers):
+        for site in ("k", "v"):
+            c = Capture(site, li)
+            rows = [donor[c][p] if p in spliced else base[c][p] for p in pos]
+            out.append(Patch(site, li, pos, torch.stack(rows)))
+    return out
+
+
 @dataclass(frozen=True)
 class Capture:
     """Read `site` (one of SITES) of layer `layer` after this run's interventions. Shapes returned (one sequence of
-    S tokens): z [S, H, d_head]; attn_out, mlp_out, resid_post [S, d_model]; pattern [H, S, S] (query, key)."""
+    S tokens): z [S, H, d_head]; attn_out, mlp_out, resid_post [S, d_model]; pattern [H, S, S] (query, key);
+    k, v [S, n_kv_heads * d_head]."""
     site: str
     layer: int
 
@@ -280,6 +315,14 @@ class NNsightBackend:
             saved = save({})
             for li in layers:
                 layer = envoy.model.layers[li]
+                for site, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj)):
+                    ivs, caps = todo.get((site, li), ((), ()))
+                    if ivs or caps:
+                        x = proj.output[0]                                       # [S, n_kv_heads * d_head]
+                        for iv in ivs:
+                            _edit_rows(x, iv)
+                        for c in caps:
+                            saved[c] = x.clone()
                 ivs, caps = todo.get(("z", li), ((), ()))
                 if ivs or caps:
                     z = layer.self_attn.o_proj.input[0].view(S, H, dh)
@@ -328,7 +371,8 @@ class NNsightBackend:
 # ---------------------------------------------------------------- TransformerLens
 _TL_HOOK = {"z": "blocks.{l}.attn.hook_z", "attn_out": "blocks.{l}.hook_attn_out",
             "mlp_out": "blocks.{l}.hook_mlp_out", "resid_post": "blocks.{l}.hook_resid_post",
-            "pattern": "blocks.{l}.attn.hook_pattern"}
+            "pattern": "blocks.{l}.attn.hook_pattern", "k": "blocks.{l}.attn.hook_k", "v": "blocks.{l}.attn.hook_v"}
+_FLAT = ("k", "v")      # the bridge gives [batch, S, n_kv_heads, d_head]; the vocabulary's k / v are [S, n_kv * d_head]
 
 
 class LensBackend:
@@ -350,12 +394,12 @@ class LensBackend:
         for iv in interventions:
             def edit(x, hook, iv=iv):
                 x = x.clone()
-                _edit_rows(x[0], iv)
+                _edit_rows(x[0].flatten(1) if _site_of(iv) in _FLAT else x[0], iv)
                 return x
             hooks.append((_TL_HOOK[_site_of(iv)].format(l=iv.layer), edit))
         for c in captures:
             def keep(x, hook, c=c):
-                saved[c] = x[0].detach().clone()
+                saved[c] = (x[0].flatten(1) if c.site in _FLAT else x[0]).detach().clone()
             hooks.append((_TL_HOOK[c.site].format(l=c.layer), keep))
         with torch.inference_mode():
             logits = self.bridge.run_with_hooks(ids[None], fwd_hooks=hooks, return_type="logits")

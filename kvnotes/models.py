@@ -211,8 +211,11 @@ def load_tokenizer(model: str | Mapping, cache_dir: str | Path | None = None):
     if spec["kind"] == "tiny":
         from kvnotes.tiny import build_tiny_tokenizer
         return build_tiny_tokenizer()
+    if spec["kind"] == "ndif":
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(spec["hf_name"])
     if spec["kind"] != "gguf":
-        raise ValueError(f"model {spec['name']!r}: unknown kind {spec['kind']!r} (expected gguf or tiny)")
+        raise ValueError(f"model {spec['name']!r}: unknown kind {spec['kind']!r} (expected gguf, tiny or ndif)")
     from transformers import AutoTokenizer
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     hf_dir = _hf_cache_dir(spec, cache_dir)
@@ -258,6 +261,24 @@ def _build_hf_cache(spec: dict, cache_dir: Path) -> Path:
 _LOADED: dict = {}
 
 
+def _remote_model(spec: dict):
+    """(an nnsight `TransformersModel` of spec["hf_name"] with meta weights, its tokenizer) for kind "ndif": every
+    forward runs on NDIF (`remote: true` in the spec; the circuit probes' `probe.backend=nnsight`). Needs the
+    network (the config and tokenizer come from the Hugging Face Hub) and an NDIF API key; raises ValueError when
+    HF_HUB_OFFLINE is set or the spec lacks hf_name / remote: true, naming the fix."""
+    if not spec.get("hf_name") or spec.get("remote") is not True:
+        raise ValueError(f"model {spec['name']!r} (kind ndif) needs hf_name (the NDIF-hosted repo id) and "
+                         f"remote: true in configs/model/{spec['name']}.yaml")
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise ValueError(f"model {spec['name']!r} runs on NDIF: its config and tokenizer come from the Hugging Face "
+                         f"Hub, and kvnotes is offline by default. Run with HF_HUB_OFFLINE=0 (and an NDIF API key: "
+                         f"python -c \"import nnsight; nnsight.CONFIG.set_default_api_key('...')\")")
+    from nnsight import TransformersModel
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(spec["hf_name"])
+    return TransformersModel(spec["hf_name"], task="text-generation", tokenizer=tok), tok
+
+
 def load_model(model: str | Mapping, dtype: str | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
     """Load a model in `dtype` (default: the spec's), memoised for the last (spec, dtype) asked for.
 
@@ -284,14 +305,20 @@ def load_model(model: str | Mapping, dtype: str | None = None, cache_dir: str | 
         model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=_torch_dtype(dtype))
         source = {"source": f"GGUF {spec['gguf']['file']} (dequantised), cached at {hf_dir}",
                   "source_packages": weight_packages(spec), "sha256": spec["gguf"]["sha256"]}
+    elif spec["kind"] == "ndif":
+        model, tok = _remote_model(spec)
+        source = {"source": f"NDIF-hosted {spec['hf_name']} (weights remote; config and tokenizer from the Hub)",
+                  "source_packages": [], "sha256": None}
     else:
-        raise ValueError(f"model {name!r}: unknown kind {spec['kind']!r} (expected gguf or tiny)")
-    model.eval()
+        raise ValueError(f"model {name!r}: unknown kind {spec['kind']!r} (expected gguf, tiny or ndif)")
+    if spec["kind"] != "ndif":
+        model.eval()
     cfg = model.config
     info = {"name": name, "hf_name": spec.get("hf_name"), "kind": spec["kind"], **source, "dtype": dtype,
             "arch": type(model).__name__, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
             "n_kv_heads": cfg.num_key_value_heads, "d_model": cfg.hidden_size,
-            "n_params": sum(p.numel() for p in model.parameters()), "attn_implementation": cfg._attn_implementation,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "attn_implementation": getattr(cfg, "_attn_implementation", None),
             "load_s": round(time.time() - t0, 2)}
     loaded = LoadedModel(model, tok, spec, info)
     _LOADED[key] = loaded

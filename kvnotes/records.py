@@ -173,13 +173,14 @@ def run_command(probe: str, model: str, scenario: str, tag: str | None = None) -
 
 
 def registered_models(config_dir=MODEL_CONFIG_DIR) -> list[str]:
-    """The registered real models: `configs/model/<name>.yaml` whose `kind` is not `tiny`, sorted by name."""
+    """The registered models that run here: `configs/model/<name>.yaml` of kind `gguf` (not the tiny test models, not
+    the remote `ndif` ones, which only the circuit probes reach), sorted by name."""
     import yaml
 
     names = []
     for p in sorted(Path(config_dir).glob("*.yaml")):
         spec = yaml.safe_load(p.read_text()) or {}
-        if spec.get("kind") != "tiny":
+        if spec.get("kind") == "gguf":
             names.append(p.stem)
     return names
 

@@ -54,7 +54,7 @@ def test_the_default_config_composes_and_passes_the_checks():
 def test_model_config(name):
     spec = conf_of(compose_with(f"model={name}"))["model"]
     assert spec == model_spec(name)            # the by-name reading (tests, benchmarks) agrees with the composition
-    assert spec["name"] == name and spec["kind"] in ("gguf", "tiny") and spec["dtype"] in DTYPES
+    assert spec["name"] == name and spec["kind"] in ("gguf", "tiny", "ndif") and spec["dtype"] in DTYPES
     assert isinstance(spec["prepend_bos"], bool)
     layout = spec["plain_prompt"]
     assert layout is None or {"system", "user", "generation"} <= set(layout)
@@ -64,6 +64,8 @@ def test_model_config(name):
         assert set(string.hexdigits) >= set(g["sha256"])
         for key in ("package", "module", "part"):
             g[key].format(i=1, i0=0)                 # the part templates take the part index
+    elif spec["kind"] == "ndif":                     # weights on NDIF: a hosted repo id, every forward remote
+        assert "/" in spec["hf_name"] and spec["remote"] is True
     else:
         assert spec["arch"] in ("llama", "qwen2", "gemma3") and isinstance(spec["seed"], int)
 

@@ -192,10 +192,11 @@ def test_missing_and_malformed_records_name_the_file(tmp_path):
         R.load_aggregates(bad)
 
 
-def test_registered_models_are_the_non_tiny_configs():
+def test_registered_models_are_the_gguf_configs():
     names = R.registered_models()
     yaml_names = sorted(p.stem for p in R.MODEL_CONFIG_DIR.glob("*.yaml"))
     assert names and set(names) < set(yaml_names) and not any(n.startswith("tiny") for n in names)
+    assert "qwen2.5-coder-1.5b" in names and "llama3.1-8b-ndif" not in names
 
 
 @pytest.mark.skipif(not (R.DEFAULT_RESULTS / "locality").is_dir(), reason="no committed records")
