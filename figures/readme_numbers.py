@@ -164,6 +164,12 @@ BLOCKS: dict[str, dict] = {
         "command": "python run.py -m experiment=regime_map; python -m figures.regime_map",
         "where": {"K": 1, "Q": "last"}, "columns": ("order", "layout", "D"),
     },
+    "regime-map-qfirst-qwen2.5-coder-1.5b": {
+        "shows": "step 5 map: per cell (order/layout x D, question first, one gate), flips and recoveries on the 1.5B",
+        "kind": "regime", "file": "regime_map/diverse_all-map.json", "model": "qwen2.5-coder-1.5b",
+        "command": "python run.py -m experiment=regime_map scenario.params.question=first; python -m figures.regime_map",
+        "where": {"K": 1, "Q": "first"}, "columns": ("order", "layout", "D"),
+    },
     "regime-map-k4-qwen2.5-coder-1.5b": {
         "shows": "step 5 map, four gates on four fields (K = 4), the subset measured, on the 1.5B",
         "kind": "regime", "file": "regime_map/diverse_all-map.json", "model": "qwen2.5-coder-1.5b",
