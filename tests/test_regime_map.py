@@ -151,3 +151,23 @@ def test_the_readme_block_shows_each_cell_of_the_analysis_record(mini_map, tmp_p
         rn.render_block("regime-test", {**spec, "where": {"Q": "nowhere"}}, mini_map)
     with pytest.raises(rn.MissingRecord, match="figures.regime_map"):
         rn.render_block("regime-test", {**spec, "file": "regime_map/absent.json"}, mini_map)
+
+
+def test_the_headline_block_spans_each_regimes_cells(mini_map, tmp_path):
+    from figures import readme_numbers as rn
+    analysis = rm.regime_map(mini_map, tmp_path, "diverse_all", "map-")
+    spec = {"kind": "regime_headline", "file": "regime_map/diverse_all-map.json", "model": "tiny-llama",
+            "where": {"K": 1}, "command": "python -m figures.regime_map"}
+    text = rn.render_block("headline-test", spec, mini_map)
+    cells = analysis["models"]["tiny-llama"]["cells"]
+    for order in ("R->F", "F->R"):
+        for q in ("last", "first"):
+            sub = [c for c in cells if c["order"] == order and c["Q"] == q]
+            row = next(ln for ln in text.splitlines() if ln.startswith(f"| {order} | {q} |"))
+            means = sorted(c["field_only"]["mean"] for c in sub)
+            assert f"| {len(sub)} |" in row and f"{means[0]:.2f}" in row and f"{means[-1]:.2f}" in row
+    reg = analysis["models"]["tiny-llama"]["regression"]["included"]
+    if "not_fitted" not in reg:     # fitted values only at the D each layout and question position measured
+        assert "at D = 0 → " in text and "at D = 4" in text and "at D = 48" not in text
+    with pytest.raises(rn.MissingRecord, match="figures.regime_map"):
+        rn.render_block("headline-test", {**spec, "file": "regime_map/absent.json"}, mini_map)
