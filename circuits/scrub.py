@@ -45,6 +45,10 @@ PARTS = ("notes", "rest", "all")
 
 def measure(lm, pair, token_ids, batch_size: int = 200, n_notes: int = 8) -> dict:
     t0 = time.time()
+    if lm.spec.get("remote"):
+        raise ValueError(f"probe=scrub splices whole donor caches (repositioned keys) through the KV engine, which needs "
+                         f"the weights here; model {lm.spec['name']!r} has remote={lm.spec['remote']!r}. Run heads, "
+                         f"components or direction on it (probe.backend=nnsight)")
     token_ids = sorted(set(int(t) for t in token_ids))
     stale, oracle, last = prefill_pair(lm.model, pair)
     states = end_states(lm.model, stale, oracle, last, token_ids)

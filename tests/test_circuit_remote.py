@@ -104,6 +104,8 @@ def test_a_remote_model_runs_only_through_nnsight(tmp_path):
         check_backend(lm, "pyvene")
     with pytest.raises(ValueError, match="add probe.backend=nnsight"):
         run_module.run(_cfg(tmp_path, "probe=components", "model=tiny-llama", "+model.remote=local", *RELAXED))
+    with pytest.raises(ValueError, match="probe=scrub splices whole donor caches"):
+        run_module.run(_cfg(tmp_path / "scrub", "probe=scrub", "model=tiny-llama", "+model.remote=local", *RELAXED))
 
 
 def test_the_ndif_model_says_what_it_needs_offline(monkeypatch):
