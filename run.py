@@ -101,9 +101,17 @@ def _scenario_configs() -> dict:
 
 def check_probe(probe: Probe, conf: dict) -> dict:
     """The probe's options (defaults filled in), or a ProbeConfigError naming the probe, the scenario and the fix:
-    unknown options, a scenario the probe cannot use, or no instances to measure."""
+    unknown options, a scenario the probe cannot use, no instances to measure, or a remote model (model.remote set)
+    under a probe that cannot run every forward through nnsight. Checked before the model loads."""
     spec, scen = probe.spec, conf["scenario"]
     options = spec.resolve_options(conf["probe"])
+    remote = conf["model"].get("remote")
+    if remote and options.get("backend") != "nnsight":
+        fix = ("add probe.backend=nnsight" if "backend" in options else "it has no such path; the circuit probes heads, "
+               "components and direction have one (probe.backend=nnsight)")
+        raise ProbeConfigError(f"model {conf['model']['name']!r} has remote={remote!r} (true: the weights are on NDIF; "
+                               f"'local': nnsight's dry run of that path), so every forward of probe {spec.name!r} must "
+                               f"go through nnsight: {fix}")
     if int(conf["n_instances"]) < 1:
         raise ProbeConfigError(f"n_instances={conf['n_instances']}: a run needs at least one instance per scenario "
                                f"(it would write a record with nothing measured in it)")
@@ -357,7 +365,8 @@ def pairs_from_record(conf: dict, instances: list) -> tuple[list, dict, list]:
     where = _abs(conf["pairs_from"])
     if not where.is_file():
         raise PairsFromError(f"pairs_from={conf['pairs_from']}: no such record ({where}); give the path of a record "
-                             f"of this model and scenario, e.g. results/locality/<model>/<scenario>[-<tag>].json")
+                             f"of this model and scenario, e.g. results/locality/<model>/<scenario>[-<tag>].json, or "
+                             f"pairs_from=null to measure every generated pair")
     try:
         src = json.loads(where.read_text())
         sconf = src["config"]

@@ -27,8 +27,9 @@ def check_backend(lm, backend: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     remote = lm.spec.get("remote", False)
     if remote and backend != "nnsight":
-        raise ValueError(f"model {lm.spec['name']!r} has remote={remote!r}: its forwards run through nnsight only "
-                         f"(the engine and TransformerLens need the weights here); add probe.backend=nnsight")
+        raise ValueError(f"model {lm.spec['name']!r} has remote={remote!r} (true: the weights are on NDIF; 'local': "
+                         f"nnsight's dry run of that path): its forwards go through nnsight only; add "
+                         f"probe.backend=nnsight")
     return backend
 
 

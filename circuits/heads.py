@@ -307,6 +307,9 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                                  summarize(jac, cl, **boot), "exact_path": all(r["dla_exact_path"] for r in rows)}
         agg[sweep] = a
     agg["notes_readout_agrees"] = sum(r["notes_readout_agrees"] for r in inc)
+    if any(r.get("attn_read", ()) is None for r in inc):
+        agg["attention_not_computed"] = ("a remote model (model.remote=true): attention probabilities need eager "
+                                         "attention, which the hosted model need not run")
     sanity = {"note": "true by construction (a check of the patching, not a finding): patching every head's z at the "
                       "decision token gives the clean decision, recovery 1 (the MLPs recompute from the patched "
                       "residual). k = 1 nulls are exhaustive (every head's single patch); the joint random-k nulls for "

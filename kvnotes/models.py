@@ -271,8 +271,9 @@ def _remote_model(spec: dict):
                          f"remote: true in configs/model/{spec['name']}.yaml")
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise ValueError(f"model {spec['name']!r} runs on NDIF: its config and tokenizer come from the Hugging Face "
-                         f"Hub, and kvnotes is offline by default. Run with HF_HUB_OFFLINE=0 (and an NDIF API key: "
-                         f"python -c \"import nnsight; nnsight.CONFIG.set_default_api_key('...')\")")
+                         f"Hub, and kvnotes is offline by default. Run with HF_HUB_OFFLINE=0, logged in to the Hub with a "
+                         f"token that may read {spec['hf_name']} (gated repos need their licence accepted), and an "
+                         f"NDIF API key: python -c \"import nnsight; nnsight.CONFIG.set_default_api_key('...')\"")
     from nnsight import TransformersModel
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(spec["hf_name"])

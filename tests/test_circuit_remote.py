@@ -1,7 +1,7 @@
 """The circuit probes off the engine: every forward through one intervention library, which is what a remote (NDIF)
 model allows. The note search written as full-forward K/V patches (kvnotes.interventions.kv_splice) gives the
 splice engine's numbers on the three tiny architectures, through nnsight and through the TransformerLens bridge; a
-circuit probe run with `model.remote=local` (nnsight's serverless dry run: each trace serialised as for NDIF,
+circuit probe run with `+model.remote=local` (nnsight's serverless dry run: each trace serialised as for NDIF,
 deserialised with this project's modules hidden, run here) sends its traces down the remote path and gives the
 engine's record; a remote model refuses the backends that need local weights; the NDIF model config says what it
 needs instead of touching the network."""
@@ -104,8 +104,10 @@ def test_a_remote_model_runs_only_through_nnsight(tmp_path):
         check_backend(lm, "pyvene")
     with pytest.raises(ValueError, match="add probe.backend=nnsight"):
         run_module.run(_cfg(tmp_path, "probe=components", "model=tiny-llama", "+model.remote=local", *RELAXED))
-    with pytest.raises(ValueError, match="probe=scrub splices whole donor caches"):
-        run_module.run(_cfg(tmp_path / "scrub", "probe=scrub", "model=tiny-llama", "+model.remote=local", *RELAXED))
+    for probe in ("scrub", "locality"):       # no library path: refused before the model loads
+        with pytest.raises(ValueError, match="has no such path; the circuit probes heads"):
+            run_module.run(_cfg(tmp_path / probe, f"probe={probe}", "model=tiny-llama", "+model.remote=local",
+                                *RELAXED))
 
 
 def test_the_ndif_model_says_what_it_needs_offline(monkeypatch):
@@ -138,3 +140,25 @@ def test_an_ndif_model_loads_with_meta_weights(tmp_path, monkeypatch):
     assert be.remote is True
     with pytest.raises(ValueError, match="add probe.backend=nnsight"):
         check_backend(lm, "engine")
+
+
+def test_the_heads_probe_on_a_hosted_model_leaves_out_what_needs_local_weights(tmp_path, monkeypatch):
+    """remote=true (an NDIF model) takes the branches a dry run does not: no DLA, no attention patterns, each said
+    in the record. Here nnsight's dry run stands in for NDIF (NNsightBackend's remote=True becomes 'local'), so the
+    same traces run and every exact patch is still measured."""
+    import circuits.common as common
+    from kvnotes.interventions import NNsightBackend
+
+    class DryRunForNDIF(NNsightBackend):
+        def __init__(self, model, tokenizer=None, remote=False):
+            super().__init__(model, tokenizer, remote="local" if remote is True else remote)
+    monkeypatch.setattr(common, "NNsightBackend", DryRunForNDIF)
+    shipped = _spy(monkeypatch)
+    rec = run_module.run(_cfg(tmp_path, "probe=heads", "model=tiny-llama", "+model.remote=true", "probe.backend=nnsight",
+                              "probe.n_null=5", "probe.n_null_write=3", *RELAXED))
+    assert shipped, "the traces did not go through nnsight's remote path"
+    agg = rec["aggregate"]
+    assert "not_computed" in agg["read"]["dla_vs_exact"] and "attention_not_computed" in agg
+    assert all("dla_read" not in r and r["dla_exact_path"] is None for r in rec["instances"])
+    assert all(e["attn_mean"] is None and "dla_mean" not in e for e in agg["read"]["heads_ranked"])
+    assert all(len(r["single_read"]) == r["n_layers"] * r["n_heads"] for r in rec["instances"] if "single_read" in r)
