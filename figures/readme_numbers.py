@@ -74,6 +74,16 @@ def regime_long_records(probe: str, model: str, d: int = 48) -> dict:
     return {"records": [(probe, model, "diverse_all", f"map-{lay}-D{d}-Qlast-K1", lay) for lay in REGIME_LONG_LAYOUTS],
             "record_column": "layout"}
 
+CIRCUIT_LAYOUTS = ("rule_first", "field_first_user", "family_a_blocks", "field_first_system")
+
+
+def circuit_records(probe: str, model: str, layouts=CIRCUIT_LAYOUTS) -> dict:
+    """The block keys naming experiment=circuit's records of one probe (the map's D = 0 cells, question last, one
+    gate), one per layout, each shown by its layout."""
+    return {"records": [(probe, model, "diverse_all", f"map-{lay}-D0-Qlast-K1", lay) for lay in layouts],
+            "record_column": "layout"}
+
+
 BLOCKS: dict[str, dict] = {
     "locality-qwen2.5-coder-1.5b-diverse": {
         "shows": "Fig. 3a numbers on the 1.5B, diverse: recovery of each splice, and the inclusion rate",
@@ -240,6 +250,22 @@ BLOCKS: dict[str, dict] = {
                  *(row for k in (8, 32) for row in (
                      ("topk_cf", str(k), f"top-{k} of the downstream, cross-fitted"),
                      ("null_matched", str(k), f"random-{k} matched null (median, 95 % band)", "median", "lo", "hi")))],
+    },
+    "circuit-components-qwen2.5-coder-1.5b": {
+        "shows": "step 7: attention vs MLP write attribution at the top-1 note (paper_spec §4.3), per layout, 1.5B",
+        **circuit_records("components", "qwen2.5-coder-1.5b"),
+        "rows": [(str(t), "attn_share", f"attention share of the write by layer {t}") for t in (9, 14, 18, 27)],
+    },
+    "circuit-scrub-qwen2.5-coder-1.5b": {
+        "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per F->R layout, 1.5B",
+        **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS[1:]),
+        "rows": [("interchange", "notes", "notes from the other arm (recovery)"),
+                 ("null_notes", "", "random note sets of the same size from the other arm (null: mean, 95 % band)",
+                  "mean", "lo", "hi"),
+                 ("interchange", "rest", "everything but the notes from the other arm (recovery)"),
+                 ("drift", "instance:notes", "drift: the notes from a same-conclusion prompt of the same domain"),
+                 ("drift", "instance:rest", "drift: the rest from that prompt"),
+                 ("drift", "domain:notes", "drift: the notes from a same-conclusion prompt of another domain")],
     },
     "knockout-qwen2.5-coder-1.5b-diverse": {
         "shows": "knockout on the 1.5B: all downstream masked in every layer, per state; E4 attention mass",
