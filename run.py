@@ -360,8 +360,11 @@ def pairs_from_record(conf: dict, instances: list) -> tuple[list, dict, list]:
     The record must be of the same model, scenario (family, name, params with the generator's defaults filled in),
     seed, n_instances and inclusion rule (`exclusion`): then its included pairs are exactly the ones this run's
     inclusion rule would keep, since the stale and oracle states are the same computation; anything else raises
-    PairsFromError naming what differs. Returns (the kept instances, the source's summary for the record, the
-    left-out pairs as {id, reason}). The readouts are taken from the source too (`readouts_from_record`)."""
+    PairsFromError naming what differs. One exception: `scenario.params.domains` may name a subset of the source's
+    domains (a costly probe on fewer pairs, the subset fixed before any result); the run then takes the source's
+    included pairs of those domains, and the record says which (`pairs_from.domains_subset`). Returns (the kept
+    instances, the source's summary for the record, the left-out pairs as {id, reason}). The readouts are taken from
+    the source too (`readouts_from_record`)."""
     where = _abs(conf["pairs_from"])
     if not where.is_file():
         raise PairsFromError(f"pairs_from={conf['pairs_from']}: no such record ({where}); give the path of a record "
@@ -373,8 +376,18 @@ def pairs_from_record(conf: dict, instances: list) -> tuple[list, dict, list]:
         included = {r["id"] for r in src["instances"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise PairsFromError(f"pairs_from={conf['pairs_from']}: not a readable record ({e})") from None
-    scen = lambda c: {**c["scenario"], "params": {**scenario_defaults(c["scenario"].get("family")),   # noqa: E731
-                                                  **c["scenario"]["params"]}}
+    # a run over some of the source's domains (scenario.params.domains a subset: a cheaper probe on fewer pairs,
+    # chosen before any result) takes the source's included pairs of those domains; every other param must agree
+    run_domains = (conf["scenario"].get("params") or {}).get("domains")
+    src_domains = (sconf["scenario"].get("params") or {}).get("domains")
+    subset = (run_domains is not None and run_domains != src_domains
+              and (src_domains is None or set(run_domains) <= set(src_domains)))
+
+    def scen(c):
+        params = {**scenario_defaults(c["scenario"].get("family")), **c["scenario"]["params"]}
+        if subset:
+            params.pop("domains", None)
+        return {**c["scenario"], "params": params}
     differ = [f"{key}: {a!r} (record) vs {b!r} (this run)" for key, a, b in (
         ("model", sconf["model"]["name"], conf["model"]["name"]), ("scenario", scen(sconf), scen(conf)),
         ("seed", sconf.get("seed"), conf.get("seed")), ("n_instances", sconf.get("n_instances"), conf.get("n_instances")),
@@ -383,6 +396,8 @@ def pairs_from_record(conf: dict, instances: list) -> tuple[list, dict, list]:
         raise PairsFromError(f"pairs_from={conf['pairs_from']} was made with another config, so its included pairs "
                              f"are not this run's: " + "; ".join(d if len(d) < 300 else d[:297] + "..." for d in differ)
                              + ". Give a record of the same model, scenario, seed, n_instances and exclusion rule")
+    if subset:
+        included = {r["id"] for r in src["instances"] if r.get("scenario") in set(run_domains)}
     kept = [i for i in instances if i.id in included]
     missing = sorted(included - {i.id for i in instances})
     if missing:
@@ -392,7 +407,7 @@ def pairs_from_record(conf: dict, instances: list) -> tuple[list, dict, list]:
                 for i in instances if i.id not in included]
     source = {"path": str(conf["pairs_from"]), "git_sha": (src.get("provenance") or {}).get("git_sha"),
               "n_included": len(included), "n_gated": (src.get("summary") or {}).get("n_gated"),
-              "readout": src.get("readout")}
+              "readout": src.get("readout"), "domains_subset": sorted(run_domains) if subset else None}
     return kept, source, left_out
 
 

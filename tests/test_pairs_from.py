@@ -74,3 +74,17 @@ def test_a_source_that_included_nothing_writes_no_record(tmp_path):
     out = run_module.run(_cfg(tmp_path, *TINY, "exclusion.min_abs_delta_m=1e9", "probe=positions", "tag=none",
                               f"pairs_from={path}"))
     assert out == {} and not (tmp_path / "positions").exists()
+
+
+def test_a_subset_of_the_domains_takes_their_included_pairs(source):
+    tmp, tau, src = source
+    path = tmp / "locality" / "tiny-llama" / "diverse-half.json"
+    doms = sorted({r["scenario"] for r in src["instances"]})[:2]
+    rec = run_module.run(_cfg(tmp, *TINY, f"exclusion.min_abs_delta_m={tau}", "probe=positions", "tag=sub",
+                              f"pairs_from={path}", f"scenario.params.domains=[{','.join(doms)}]"))
+    want = {r["id"] for r in src["instances"] if r["scenario"] in doms}
+    assert want and {r["id"] for part in ("instances", "excluded") for r in rec[part]} == want
+    assert rec["pairs_from"]["domains_subset"] == doms
+    with pytest.raises(run_module.PairsFromError, match="another config.*scenario"):   # not a subset: refused
+        run_module.run(_cfg(tmp, *TINY, f"exclusion.min_abs_delta_m={tau}", "probe=positions", "tag=sub2",
+                            f"pairs_from={path}", "scenario.params.domains=[order_cancel,vpn_access]"))
