@@ -106,12 +106,17 @@ def check_probe(probe: Probe, conf: dict) -> dict:
     spec, scen = probe.spec, conf["scenario"]
     options = spec.resolve_options(conf["probe"])
     remote = conf["model"].get("remote")
-    if remote and options.get("backend") != "nnsight":
-        fix = ("add probe.backend=nnsight" if "backend" in options else "it has no such path; the circuit probes heads, "
-               "components and direction have one (probe.backend=nnsight)")
+    if remote and "backend" not in options:
         raise ProbeConfigError(f"model {conf['model']['name']!r} has remote={remote!r} (true: the weights are on NDIF; "
                                f"'local': nnsight's dry run of that path), so every forward of probe {spec.name!r} must "
-                               f"go through nnsight: {fix}")
+                               f"go through nnsight: it has no such path; the circuit probes heads, components and "
+                               f"direction have one (probe.backend=nnsight)")
+    if "backend" in options:
+        from circuits.common import check_backend
+        try:
+            check_backend(conf["model"], options["backend"])
+        except ValueError as e:
+            raise ProbeConfigError(f"probe {spec.name!r}: {e}") from None
     if int(conf["n_instances"]) < 1:
         raise ProbeConfigError(f"n_instances={conf['n_instances']}: a run needs at least one instance per scenario "
                                f"(it would write a record with nothing measured in it)")
@@ -397,7 +402,8 @@ def pairs_from_record(conf: dict, instances: list) -> tuple[list, dict, list]:
                              f"are not this run's: " + "; ".join(d if len(d) < 300 else d[:297] + "..." for d in differ)
                              + ". Give a record of the same model, scenario, seed, n_instances and exclusion rule")
     if subset:
-        included = {r["id"] for r in src["instances"] if r.get("scenario") in set(run_domains)}
+        wanted = set(run_domains)
+        included = {r["id"] for r in src["instances"] if r.get("scenario") in wanted}
     kept = [i for i in instances if i.id in included]
     missing = sorted(included - {i.id for i in instances})
     if missing:

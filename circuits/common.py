@@ -13,21 +13,22 @@ import torch
 from kvnotes.engine import Splice, SpliceEngine
 from kvnotes.heads import HeadPatchEngine, HeadSet
 from kvnotes.interventions import Capture, HeadPatch, NNsightBackend, ResidAdd, kv_splice, lens_backend
-from kvnotes.readout import candidate_logits, candidate_tokens, choose_readout
-from probes.common import end_states, prefill_pair, state_logits
+from kvnotes.readout import candidate_tokens, choose_readout
+from probes.common import decision_token, end_states, prefill_pair, state_logits, states_of
 
 BACKENDS = ("engine", "nnsight", "transformer_lens")
 _LENS: dict = {}
 
 
-def check_backend(lm, backend: str) -> str:
-    """`backend` if it can run on `lm`; ValueError naming the fix for an unknown name, or for a remote model
-    (`model.remote` set) with any backend but nnsight."""
+def check_backend(spec: dict, backend: str) -> str:
+    """`backend` if it can run on the model of config `spec`; ValueError naming the fix for an unknown name, or for
+    a remote model (`model.remote` set) with any backend but nnsight. run.check_probe calls it before the model
+    loads; the functions here call it again for callers outside run.py."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    remote = lm.spec.get("remote", False)
+    remote = spec.get("remote", False)
     if remote and backend != "nnsight":
-        raise ValueError(f"model {lm.spec['name']!r} has remote={remote!r} (true: the weights are on NDIF; 'local': "
+        raise ValueError(f"model {spec['name']!r} has remote={remote!r} (true: the weights are on NDIF; 'local': "
                          f"nnsight's dry run of that path): its forwards go through nnsight only; add "
                          f"probe.backend=nnsight")
     return backend
@@ -37,7 +38,7 @@ def library_backend(lm, backend: str = "nnsight"):
     """The intervention backend (kvnotes.interventions) a probe's captures and library-path forwards use: nnsight
     for backend "engine" or "nnsight" (remote as the model config says), the TransformerLens bridge (one per model,
     kept) for "transformer_lens"."""
-    if check_backend(lm, backend) == "transformer_lens":
+    if check_backend(lm.spec, backend) == "transformer_lens":
         key = (lm.spec["name"], id(lm.model))
         if key not in _LENS:
             _LENS.clear()
@@ -55,25 +56,23 @@ def pair_notes(lm, pair, token_ids: list, n: int, backend: str = "engine") -> tu
     single-position splice is one run patched through `kvnotes.interventions.kv_splice` (equal to the engine's,
     tested); n_down + 2 forwards, which is what a remote (NDIF) model allows. Raises ValueError as note_positions,
     and for a pair whose decision token differs between the arms."""
-    if check_backend(lm, backend) == "engine":
+    if check_backend(lm.spec, backend) == "engine":
         stale, oracle, last = prefill_pair(lm.model, pair)
         states = end_states(lm.model, stale, oracle, last, token_ids)
         rows = _splice_rows(lm, pair, stale, oracle, last, token_ids)
         return (states, *_rank_notes(lm, pair, states, rows, token_ids, n))
     d = pair.dpos
-    if int(pair.old_ids[d]) != int(pair.new_ids[d]):
-        raise ValueError(f"{pair.instance.id}: the decision token differs between the arms; the pair is misaligned")
-    _downstream(pair)
+    decision_token(pair)
+    down = _downstream(pair)
     be = library_backend(lm, backend)
     old, new = pair.old_ids[:d + 1], pair.new_ids[:d + 1]
     caps = [Capture(s, li) for li in range(be.n_layers) for s in ("k", "v")]
     run_old, run_new = be.run(old, captures=caps), be.run(new, captures=caps)
-    ends = candidate_logits(torch.stack([run_old.logits[-1], run_new.logits[-1]]), token_ids)
-    states = {s: {"logits": {str(t): v for t, v in cl.items()}, "lse": lse} for s, (cl, lse) in zip(("stale", "oracle"), ends)}
+    states = states_of(torch.stack([run_old.logits[-1], run_new.logits[-1]]), token_ids)
     token_ids = sorted(set(int(t) for t in token_ids))
     idx = torch.as_tensor(token_ids, dtype=torch.long)
     rows = torch.stack([be.run(old, kv_splice(run_new.acts, run_old.acts, be.n_layers, [p], d)).logits[-1][idx]
-                        for p in range(pair.span[1], d)])
+                        for p in down])
     return (states, *_rank_notes(lm, pair, states, rows, token_ids, n))
 
 
@@ -126,7 +125,7 @@ def patched_logits(lm, ids, start: int, sets: list[HeadSet], tokens, backend: st
     additions). backend "engine": kvnotes.heads.HeadPatchEngine (prefix shared, rows batched: the fast path);
     "nnsight" / "transformer_lens": one full forward per set through kvnotes.interventions (HeadPatch, ResidAdd),
     the reference realisations the engine is tested against. ValueError for another name."""
-    if check_backend(lm, backend) == "engine":
+    if check_backend(lm.spec, backend) == "engine":
         return HeadPatchEngine(lm.model, ids, start=start, chunk_size=batch_size).run(sets, tokens=tokens)
     be = library_backend(lm, backend)
     idx = torch.as_tensor(list(tokens), dtype=torch.long)

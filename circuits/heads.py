@@ -36,7 +36,7 @@ from scipy.stats import spearmanr
 from circuits.common import library_backend, pair_notes, patched_logits
 from kvnotes.engine import unembed
 from kvnotes.heads import HeadSet
-from kvnotes.interventions import Capture
+from kvnotes.interventions import Capture, norms_block_outputs
 from kvnotes.stats import MIN_NULL_DRAWS, null_of_mean, summarize
 from probes.base import ProbeSpec
 from probes.common import Split, boot_args, included_rows, margins, pair_row, readout_key
@@ -67,12 +67,6 @@ def _sets(heads, positions, z) -> list:
     return [HeadSet.of([(li, h, p, z[li][p, h]) for li, h in hs for p in positions]) for hs in heads]
 
 
-def _post_norms(model) -> bool:
-    """True where the decoder layers norm the attention output after W_O (Gemma-2/3): DLA through W_O is then
-    approximate."""
-    return hasattr(model.get_decoder().layers[0], "post_feedforward_layernorm")
-
-
 def _dla(lm, nns, pair, z_clean, token_ids) -> tuple[torch.Tensor | None, bool | None]:
     """[L * H, n_tokens]: each head's direct logit attribution at the decision token, clean minus corrupt; and
     whether the path is exact (no norm after W_O). (None, None) on a remote model (model.remote=true): its weights
@@ -92,7 +86,7 @@ def _dla(lm, nns, pair, z_clean, token_ids) -> tuple[torch.Tensor | None, bool |
         dz = z_clean[li][d] - run.acts[Capture("z", li)][d]                               # [H, d_head]
         contrib = torch.einsum("dhk,hk->hd", w_o.view(-1, H, dh), dz)                   # [H, D]
         out[li * H:(li + 1) * H] = contrib @ grads.T.float()
-    return out, not _post_norms(model)
+    return out, not norms_block_outputs(model.get_decoder().layers[0])   # a norm after W_O: DLA approximate
 
 
 def measure(lm, pair, token_ids, batch_size: int = 64, n_notes: int = 4, backend: str = "engine") -> dict:

@@ -254,7 +254,7 @@ def _site_of(iv) -> str:
 
 
 # ---------------------------------------------------------------- nnsight
-def _norms_block_outputs(layer_module) -> bool:
+def norms_block_outputs(layer_module) -> bool:
     """True where the decoder layer norms the attention / MLP outputs before adding them (Gemma-2/3)."""
     return hasattr(layer_module, "post_feedforward_layernorm")
 
@@ -294,7 +294,7 @@ class NNsightBackend:
         self.n_layers = int(cfg.num_hidden_layers)
         self.n_heads = int(cfg.num_attention_heads)
         self.d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
-        self.post_norms = _norms_block_outputs(hf.model.layers[0])
+        self.post_norms = norms_block_outputs(hf.model.layers[0])
 
     def run(self, ids, interventions=(), captures=()) -> RunResult:
         from nnsight import save

@@ -8,12 +8,18 @@ from kvnotes import kv
 from kvnotes.readout import candidate_logits, candidate_tokens, choose_readout
 
 
+def decision_token(pair) -> int:
+    """The token at dpos, which both arms must share; ValueError for a misaligned pair."""
+    last = int(pair.old_ids[pair.dpos])
+    if last != int(pair.new_ids[pair.dpos]):
+        raise ValueError(f"{pair.instance.id}: the decision token differs between the arms; the pair is misaligned")
+    return last
+
+
 def prefill_pair(model, pair):
     """(stale, oracle, last_token): caches of old[:dpos] and new[:dpos] (the shared prefix [0, a) computed once)."""
     dpos = pair.dpos
-    last = int(pair.old_ids[dpos])
-    if last != int(pair.new_ids[dpos]):
-        raise ValueError(f"{pair.instance.id}: the decision token differs between the arms; the pair is misaligned")
+    last = decision_token(pair)
     a = pair.span[0]
     prefix = kv.prefill(model, pair.old_ids[:a]) if a > 0 else None
     stale = kv.prefill(model, pair.old_ids[a:dpos], past=prefix)
@@ -24,7 +30,11 @@ def prefill_pair(model, pair):
 def end_states(model, stale, oracle, last, token_ids) -> dict:
     """Candidate-token logits and the vocabulary logsumexp of the unpatched stale and oracle decodes, in the form
     `probes.locality.choose_readouts` reads."""
-    ends = kv.decode(model, [stale, oracle], last)
+    return states_of(kv.decode(model, [stale, oracle], last), token_ids)
+
+
+def states_of(ends, token_ids) -> dict:
+    """`end_states`' form from the stale and oracle decodes' logits ends [2, vocab] (however computed)."""
     return {s: {"logits": {str(t): v for t, v in cl.items()}, "lse": lse}
             for s, (cl, lse) in zip(("stale", "oracle"), candidate_logits(ends, token_ids))}
 

@@ -96,12 +96,12 @@ def test_a_circuit_probe_runs_down_the_remote_path_and_gives_the_engines_record(
 def test_a_remote_model_runs_only_through_nnsight(tmp_path):
     lm = load_model("tiny-llama")
     remote = type(lm)(lm.model, lm.tokenizer, {**lm.spec, "remote": "local"}, lm.info)
-    assert check_backend(remote, "nnsight") == "nnsight" and check_backend(lm, "engine") == "engine"
+    assert check_backend(remote.spec, "nnsight") == "nnsight" and check_backend(lm.spec, "engine") == "engine"
     for backend in ("engine", "transformer_lens"):
         with pytest.raises(ValueError, match="add probe.backend=nnsight"):
-            check_backend(remote, backend)
+            check_backend(remote.spec, backend)
     with pytest.raises(ValueError, match="backend must be one of"):
-        check_backend(lm, "pyvene")
+        check_backend(lm.spec, "pyvene")
     with pytest.raises(ValueError, match="add probe.backend=nnsight"):
         run_module.run(_cfg(tmp_path, "probe=components", "model=tiny-llama", "+model.remote=local", *RELAXED))
     for probe in ("scrub", "locality"):       # no library path: refused before the model loads
@@ -139,7 +139,7 @@ def test_an_ndif_model_loads_with_meta_weights(tmp_path, monkeypatch):
                                                     tiny.info["d_model"] // tiny.info["n_heads"])
     assert be.remote is True
     with pytest.raises(ValueError, match="add probe.backend=nnsight"):
-        check_backend(lm, "engine")
+        check_backend(lm.spec, "engine")
 
 
 def test_the_heads_probe_on_a_hosted_model_leaves_out_what_needs_local_weights(tmp_path, monkeypatch):
