@@ -317,8 +317,9 @@ def _row_spec(row) -> dict:
             "hi": hi or "ci_hi"}
 
 
-def _number(x, digits: int) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+def _number(x, digits: int, is_p: bool = False) -> str:
+    """x to `digits` decimals; a p-value (a row whose value field is p_...) to two significant digits."""
+    return "n/a" if x is None else f"{x:.2g}" if is_p else f"{x:.{digits}f}"
 
 
 def block_rows(spec: dict, results: Path) -> tuple[list[dict], list[dict]]:
@@ -345,7 +346,7 @@ def block_rows(spec: dict, results: Path) -> tuple[list[dict], list[dict]]:
                          "lo": s.get(row["lo"]), "hi": s.get(row["hi"]), "n": s.get("n"), "k": s.get("k"),
                          "n_scenarios": s["n_clusters"] if s.get("n_clusters") is not None
                          else sources[-1]["n_scenarios"],   # a null band has no clusters: the record's count
-                         "warning": s.get("warning")})
+                         "warning": s.get("warning"), "is_p": row["value"].startswith("p_")})
     return rows, sources
 
 
@@ -497,7 +498,8 @@ def render_block(block_id: str, spec: dict, results: Path) -> str:
             return ", ".join(([f"n = {n(r)}"] if r["n"] is not None else [])
                              + ([f"{r['n_scenarios']} scenarios"] if r["n_scenarios"] is not None else []))
 
-        parts = [f"{r['label']}{' (' + r['model'] + ')' if several else ''} {_number(r['value'], digits)} {ci(r)}"
+        parts = [f"{r['label']}{' (' + r['model'] + ')' if several else ''} {_number(r['value'], digits, r['is_p'])} "
+                 f"{ci(r)}"
                  + (f" ({counts(r)})" if counts(r) else "") + (f", warning: {r['warning']}" if r["warning"] else "")
                  for r in rows]
         body = "; ".join(parts) + "."
@@ -507,8 +509,9 @@ def render_block(block_id: str, spec: dict, results: Path) -> str:
             ["quantity", "value", "95 % CI", "n", "scenarios"] + (["warning"] if warn else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            cells = ([r["model"]] if several else []) + [r["label"], _number(r["value"], digits), ci(r), n(r),
-                                                         "" if r["n_scenarios"] is None else str(r["n_scenarios"])]
+            scen = "" if r["n_scenarios"] is None else str(r["n_scenarios"])
+            cells = ([r["model"]] if several else []) + [r["label"], _number(r["value"], digits, r["is_p"]), ci(r),
+                                                         n(r), scen]
             lines.append("| " + " | ".join(cells + ([r["warning"] or ""] if warn else [])) + " |")
         body = "\n".join(lines)
     made = ", ".join(f"`{s['path']}` (git {str(s['git_sha'])[:7]})" for s in sources)

@@ -43,7 +43,8 @@ def make_record(probe="locality", model="m1", scenario="diverse", tag=None, fo_m
         "field_only_recovery": fo,
         "flip_rate": {"mean": 0.5, "ci": [0.2, 0.8], "n": 4, "n_clusters": 3, "k": 2, "warning": ["few", "thin"]},
         "curve": [{"mean": 0.1, "ci": None, "n": 2}, {"mean": 0.2, "ci": [0.1, 0.3], "n": 2}],
-        "nested": {"a": {"mean": 1.5, "ci": [1.0, 2.0], "n": 3}, "null": {"median": 0.1, "lo": 0.0, "hi": 0.2}},
+        "nested": {"a": {"mean": 1.5, "ci": [1.0, 2.0], "n": 3}, "null": {"median": 0.1, "lo": 0.0, "hi": 0.2,
+                                                                          "p_cf_ge_null": 0.0004998}},
         "n_samples": 4,
         "anchors": ["x", "y"],
     }
@@ -217,7 +218,8 @@ def test_every_committed_record_loads():
 # -- README numbers -------------------------------------------------------------------------------------------------
 BLOCKS = {
     "loc-m1": {"records": [("locality", "m1", "diverse")],
-               "rows": [("field_only_recovery", "", "field-only"), ("flip_rate", "", "flips")]},
+               "rows": [("field_only_recovery", "", "field-only"), ("flip_rate", "", "flips"),
+                        ("nested", "null", "p vs null", "p_cf_ge_null")]},
     "loc-both": {"records": [("locality", "m1", "diverse"), ("locality", "m2", "family_a")],
                  "rows": [("nested", "null", "null band", "median", "lo", "hi")], "format": "sentence"},
 }
@@ -236,6 +238,7 @@ def test_readme_numbers_fill_and_check(results, tmp_path, capsys):
     assert "old numbers" not in text and "\nbetween\n" in text
     assert "| field-only | 0.38 | [0.25, 0.50] | 2 | 2 | only 2 scenarios |" in text   # CI, n, scenarios, warning
     assert "| flips | 0.50 | [0.20, 0.80] | 2/4 | 3 | few; thin |" in text
+    assert "| p vs null | 0.0005 | no CI |" in text                   # a p-value: two significant digits
     assert "null band (m1) 0.10 [0.00, 0.20] (2 scenarios); null band (m2) 0.10 [0.00, 0.20] (2 scenarios)." in text
     assert "abc1234" in text and "locality/m1/diverse.json" in text
     assert rn.main([*args, "--check"], blocks=BLOCKS) == 0
