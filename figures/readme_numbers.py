@@ -24,10 +24,13 @@ import re
 import sys
 from pathlib import Path
 
-from kvnotes.records import (MissingRecord, RecordError, load_aggregates, load_index, plain_value, record_path,
-                             repo_relative, run_command)
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:     # run as a script: this checkout's kvnotes, not an editable install elsewhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from kvnotes.records import (MissingRecord, RecordError, load_aggregates, load_index, plain_value,  # noqa: E402
+                             record_path, repo_relative, run_command)
+
 DEFAULT_README = REPO_ROOT / "README.md"
 DEFAULT_RESULTS = REPO_ROOT / "results"
 
@@ -46,6 +49,7 @@ LOCALITY_ROWS = [
     ("full_downstream_recovery", "", "full downstream (= 1 by construction)"),
     ("inclusion_rate", "", "gated pairs included"),
 ]
+RELAXED = "abs_delta_m_ge_0.5"   # the slice of every gated pair with |delta m| >= 0.5 (figures.regime_map)
 SW = ("scenario_weighted_mean", "scenario_weighted_ci_lo", "scenario_weighted_ci_hi")   # the scenario-weighted columns
 
 
@@ -184,7 +188,8 @@ BLOCKS: dict[str, dict] = {
     "regime-map-qfirst-qwen2.5-coder-1.5b": {
         "shows": "step 5 map: per cell (order/layout x D, question first, one gate), flips and recoveries on the 1.5B",
         "kind": "regime", "file": "regime_map/diverse_all-map.json", "model": "qwen2.5-coder-1.5b",
-        "command": "python run.py -m experiment=regime_map scenario.params.question=first; python -m figures.regime_map",
+        "command": "python run.py -m experiment=regime_map scenario.params.question=first; "
+                   "python -m figures.regime_map",
         "where": {"K": 1, "Q": "first"}, "columns": ("order", "layout", "D"),
     },
     "regime-map-k4-qwen2.5-coder-1.5b": {
@@ -246,7 +251,8 @@ BLOCKS: dict[str, dict] = {
     "regime-long-topk-qwen2.5-coder-1.5b": {
         "shows": "step 5: P4/P5 cross-fitted top-k on the map's D = 48 F->R cells against matched random-k, 1.5B",
         **regime_long_records("topk", "qwen2.5-coder-1.5b"),
-        "rows": [("n_down", "", "downstream tokens"),
+        "rows": [("n_down", "", "downstream tokens, mean over the pairs (no CI: a length, not an estimate)", "mean",
+                  "no_ci", "no_ci"),
                  *(row for k in (8, 32) for row in (
                      ("topk_cf", str(k), f"top-{k} of the downstream, cross-fitted"),
                      ("null_matched", str(k), f"random-{k} matched null (median, 95 % band)", "median", "lo", "hi")))],
@@ -379,6 +385,9 @@ def render_measurements(block_id: str, spec: dict, results: Path) -> str:
             f"from `{repo_relative(str(path))}` (git {sha[:7]}).</sub>\n")
 
 
+MIN_BOUNDARY_PAIRS = 5    # fewer included pairs in a (layout, Q, K)'s cells: its fitted boundary is not printed
+
+
 def render_regime(block_id: str, spec: dict, results: Path) -> str:
     """A block from the regime map's analysis record (figures/regime_map.py): per cell of `spec["model"]` that
     matches `spec["where"]` ({factor: value}), the correct flips, the included pairs and field-only / downstream-only
@@ -411,9 +420,14 @@ def render_regime(block_id: str, spec: dict, results: Path) -> str:
         keys = {(c["layout"], c["Q"], c["K"]) for c in cells}
         said = []
         for b in rec["models"][spec["model"]]["boundary"]["included"]:
-            if (b["layout"], b["Q"], b["K"]) in keys and b.get("not_fitted"):
+            cell = (b["layout"], b["Q"], b["K"])
+            behind = sum(c["n_included"] for c in cells if (c["layout"], c["Q"], c["K"]) == cell)
+            if cell in keys and b.get("not_fitted"):
                 said.append(f"{b['layout']}, Q {b['Q']}: not fitted (no pair of it passes the inclusion rule)")
-            elif (b["layout"], b["Q"], b["K"]) in keys:
+            elif cell in keys and behind < MIN_BOUNDARY_PAIRS:
+                said.append(f"{b['layout']}, Q {b['Q']}: not given ({behind} included pair{'s' * (behind != 1)} in "
+                            f"its cells; the fit there would rest on the other cells' terms)")
+            elif cell in keys:
                 first = b["first_D_fitted_below"]
                 said.append(f"{b['layout']}, Q {b['Q']}: "
                             + ("never below " + str(b["threshold"]) if first is None else
@@ -445,14 +459,18 @@ def render_regime_headline(block_id: str, spec: dict, results: Path) -> str:
         raise RecordError(f"record {path} has no cell of {spec['model']}")
     cells = [c for c in model["cells"] if all(c[k] == v for k, v in spec.get("where", {}).items())]
     lines = ["| order | question | cells | pairs included a cell | field-only (cell means) | downstream-only (cell "
-             "means) |", "|---|---|---|---|---|---|"]
+             "means) | field-only, every pair with \\|Δm\\| ≥ 0.5 (cell means) | pairs with \\|Δm\\| ≥ 0.5 a "
+             "cell |",
+             "|---|---|---|---|---|---|---|---|"]
     for order in ("R->F", "F->R"):
         for q in ("last", "first"):
             sub = [c for c in cells if c["order"] == order and c["Q"] == q]
             if sub:
                 lines.append(f"| {order} | {q} | {len(sub)} | {_span([c['n_included'] for c in sub], 0)} | "
                              f"{_span([c['field_only']['mean'] for c in sub], digits)} | "
-                             f"{_span([c['downstream_only']['mean'] for c in sub], digits)} |")
+                             f"{_span([c['downstream_only']['mean'] for c in sub], digits)} | "
+                             f"{_span([c[f'field_only/{RELAXED}']['mean'] for c in sub], digits)} | "
+                             f"{_span([c[f'field_only/{RELAXED}']['n'] for c in sub], 0)} |")
     fitted = []
     for b in model["boundary"]["included"]:
         if b.get("not_fitted") or any(b.get(k) != v for k, v in spec.get("where", {}).items()):
@@ -461,17 +479,20 @@ def render_regime_headline(block_id: str, spec: dict, results: Path) -> str:
         points = [p for p in b["points"] if p["D"] in measured]     # no extrapolation past the cells measured
         if not points:
             continue
-        first, last = points[0], points[-1]
-        fitted.append(f"{b['layout']}, Q {b['Q']}: " + " → ".join(
-            f"{_number(p['fitted'], digits)} [{_number(p['ci'][0], digits)}, {_number(p['ci'][1], digits)}] at D = "
-            f"{p['D']}" for p in (first, last)))
+        order = next(c["order"] for c in cells if c["layout"] == b["layout"])
+        fitted.append((order != "R->F", b["layout"], b["Q"] != "last", "| " + " | ".join(
+            [order, b["layout"], b["Q"], *(f"{_number(p['fitted'], digits)} [{_number(p['ci'][0], digits)}, "
+                                          f"{_number(p['ci'][1], digits)}] at D = {p['D']}"
+                                          for p in (points[0], points[-1]))]) + " |"))
     reg = model["regression"]["included"]
     body = "\n".join(lines)
     if fitted:
         k_term = " + K" if "C(K)" in reg["formula"] else ""
         body += (f"\n\nFitted field-only recovery, one gate ({reg['model']}{k_term} on every included pair"
-                 f"{', four-gate ones too' if k_term else ''}: n = {reg['n']} pairs, {reg['G']} domains, CR2 by "
-                 f"domain): " + "; ".join(fitted) + ".")
+                 f"{', four-gate ones too' if k_term else ''}: n = {reg['n']} pairs, {reg['G']} domains, CR2 "
+                 "standard errors clustered by domain), at the smallest and the largest D measured:\n\n"
+                 "| order | layout | question | smallest D | largest D |\n|---|---|---|---|---|\n"
+                 + "\n".join(row for *_, row in sorted(fitted)))
     return _analysis_block(block_id, body, path, rec)
 
 

@@ -46,7 +46,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from figures.make_figures import DEFAULT_OUT, DEFAULT_RESULTS, INK, STYLE, WONG, write_table  # noqa: E402
 from kvnotes.records import (RecordError, find_records, load_aggregates, load_frame, read_record,  # noqa: E402
-                             split_record_name, write_json_atomic)
+                             repo_relative, split_record_name, write_json_atomic)
 from kvnotes.stats import cluster_robust_ols, summarize_proportion  # noqa: E402
 
 BOUNDARY = 0.2           # "field-only below 0.2": the issue's threshold for "the notes carry the decision"
@@ -129,7 +129,7 @@ def cells(paths: list[Path], exact_d: bool = True) -> tuple[pd.DataFrame, pd.Dat
         per_pair = _pairs(load_frame(path)).assign(**f)
         pairs.append(per_pair)
         seconds = (rec.get("timing") or {}).get("per_instance_s", {}).values()
-        sources.append({"path": str(path), "git_sha": rec["provenance"].get("git_sha"),
+        sources.append({"path": repo_relative(path), "git_sha": rec["provenance"].get("git_sha"),
                         "model_s": round(sum(v or 0 for v in seconds), 1), "tag": split_record_name(path)[1], **f})
         row = {"model": rec["model"]["name"], **f, "n_gated": int(rec["summary"]["n_gated"]),
                "n_included": int(rec["summary"]["n_included"]), "n_domains": len({*per_pair["domain"]})}
@@ -235,33 +235,58 @@ def boundary(reg: dict, pairs: pd.DataFrame, threshold: float = BOUNDARY) -> lis
 
 # ---------------------------------------------------------------- outputs
 def flat_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The cell table with one column per number (for CSV / markdown / LaTeX)."""
+    """The cell table with one column per number (for CSV / markdown): counts, the flip and correct-flip rates (any
+    direction, then by direction, k/n), and each recovery's mean and CI on the included pairs and on every gated pair
+    with |delta m| >= 0.5 (with that subset's n)."""
     cols = {"model": table["model"], "order": table["order"], "layout": table["layout"], "K": table["K"],
             "Q": table["Q"], "D": table["D"], "included": table["n_included"], "gated": table["n_gated"],
             "domains": table["n_domains"]}
-    for name in ("correct_flip/allow->refuse", "correct_flip/refuse->allow"):
+    for name in ("flip", "correct_flip", "correct_flip/allow->refuse", "correct_flip/refuse->allow"):
         cols[f"{name} k/n"] = [f"{c['k']}/{c['n']}" for c in table[name]]
-    for name in ("field_only", "field_line", "downstream_only", "field_k_only", "field_v_only",
-                 f"field_only/{RELAXED}", f"downstream_only/{RELAXED}", "field_only_new_decision"):
+    cols[f"n {RELAXED}"] = [c["n"] for c in table[f"field_only/{RELAXED}"]]
+    for name in (*RECOVERIES, *(f"{r}/{RELAXED}" for r in RECOVERIES), "field_only_new_decision"):
         cols[name] = [c["mean"] for c in table[name]]
         cols[f"{name} lo"] = [c["lo"] for c in table[name]]
         cols[f"{name} hi"] = [c["hi"] for c in table[name]]
     return pd.DataFrame(cols)
 
 
+def latex_table(table: pd.DataFrame) -> str:
+    """A compact LaTeX table of the cells (names escaped by hand: the headers are LaTeX): counts, correct flips, field-only and downstream-only as
+    "mean [lo, hi]" on the included pairs, and field-only on every gated pair with |delta m| >= 0.5 with its n. The
+    CSV has every number."""
+    def est(c):
+        if c["mean"] is None:
+            return ""
+        return f"{c['mean']:.2f}" + ("" if c["lo"] is None else f" [{c['lo']:.2f}, {c['hi']:.2f}]")
+
+    compact = pd.DataFrame({
+        "model": table["model"], "order": table["order"], "layout": table["layout"], "K": table["K"],
+        "Q": table["Q"], "D": table["D"],
+        "correct flips": [f"{c['k']}/{c['n']}" for c in table["correct_flip"]],
+        "included": [f"{i}/{g}" for i, g in zip(table["n_included"], table["n_gated"])],
+        "field-only": table["field_only"].map(est), "downstream-only": table["downstream_only"].map(est),
+        r"field-only, $|\Delta m| \geq 0.5$": table[f"field_only/{RELAXED}"].map(est),
+        r"$n$, $|\Delta m| \geq 0.5$": [c["n"] for c in table[f"field_only/{RELAXED}"]]})
+    for col in ("model", "order", "layout", "Q"):          # the only free text: names with _ and the arrow
+        compact[col] = compact[col].astype(str).str.replace("_", r"\_").str.replace("->", r"$\to$")
+    return compact.to_latex(index=False, escape=False, na_rep="")
+
+
 YLIM = (-0.5, 1.3)
 
 
 def phase_figure(table: pd.DataFrame) -> Figure:
-    """Field-only recovery per cell with its CI: on the included pairs (solid, n annotated) and on every gated pair
-    with |delta m| >= 0.5 (dashed, hollow, nudged right); columns = layouts (R->F first), rows = Q, one colour per
-    model over D (log(1 + D) axis); the 0.2 boundary dashed grey. The y axis spans YLIM (widened to show every mean): an interval beyond it
-    (a cell of 1-3 pairs) is cut there and marked with an arrowhead; a model with no included pair in any cell of a
-    layout is named in that panel."""
+    """Field-only recovery per one-gate cell with its CI: on the included pairs (solid, n above) and on every gated
+    pair with |delta m| >= 0.5 (dashed, hollow, nudged right, n below); a line joins neighbouring Ds only. Columns =
+    layouts (R->F first), rows = Q, one colour per model over D (log(1 + D) axis); the 0.2 boundary dashed grey. The y
+    axis spans YLIM (widened to show every mean): an interval beyond it (a cell of 1-3 pairs) is cut there and marked
+    with an arrowhead; a model with no included pair in any cell of a layout is named in that panel."""
     import matplotlib as mpl
     layouts = list(dict.fromkeys(table.sort_values(["order"], key=lambda s: s != "R->F", kind="stable")["layout"]))
     qs = [q for q in ("last", "first") if q in set(table["Q"])]
     models = list(dict.fromkeys(table["model"]))
+    ds_all = sorted(set(table["D"]))
     colors = [WONG[c] for c in ("blue", "orange", "green", "red", "purple", "sky")]
     means = [c["mean"] for col in ("field_only", f"field_only/{RELAXED}") for c in table[col] if c["mean"] is not None]
     ylim = (min([YLIM[0]] + [m - 0.1 for m in means]), max([YLIM[1]] + [m + 0.1 for m in means]))  # every mean shows
@@ -288,20 +313,25 @@ def phase_figure(table: pd.DataFrame) -> Figure:
                         c = colors[m % len(colors)]
                         clo, chi = np.clip(lo, *ylim), np.clip(hi, *ylim)
                         ax.errorbar(x, y, yerr=[y - clo, chi - y], color=c, ms=3, lw=1.0, capsize=2, label=label,
-                                    **style)
+                                    **{**style, "ls": "none"})
+                        step = np.diff([ds_all.index(d) for d in s["D"]])     # a line joins neighbouring Ds only
+                        for seg in np.split(np.arange(len(x)), np.flatnonzero(step > 1) + 1):
+                            ax.plot(x[seg], y[seg], color=c, lw=1.0, ls=style["ls"])
                         for xi, cut_lo, cut_hi in zip(x, lo < ylim[0], hi > ylim[1]):   # CI beyond the axis
                             if cut_lo:
                                 ax.plot(xi, ylim[0], marker="v", color=c, ms=3.5, clip_on=False)
                             if cut_hi:
                                 ax.plot(xi, ylim[1], marker="^", color=c, ms=3.5, clip_on=False)
-                        if col == "field_only":
-                            for xi, yi, n in zip(x, y, s["n_included"]):
-                                ax.annotate(f"n={n}", (xi, yi), textcoords="offset points", xytext=(3, 4),
-                                            fontsize=6, color=INK)
+                        ns = s["n_included"] if col == "field_only" else [c_["n"] for c_ in s[col]]
+                        for xi, yi, n in zip(x, y, ns):          # n above an included point, below a |dm| one
+                            ax.annotate(f"n={n}", (xi, yi), textcoords="offset points",
+                                        xytext=(3, 4) if col == "field_only" else (3, -8), fontsize=5.5,
+                                        color=INK if col == "field_only" else c)
                 for m, model in enumerate(models):     # a model none of whose pairs count in this layout
                     s = sub[sub["model"] == model]
                     if len(s) and (s["n_included"] == 0).all():
-                        ax.text(0.03, 0.03 + 0.08 * m, f"{model}: 0 included in {len(s)} cells", fontsize=5.5,
+                        ax.text(0.03, 0.03 + 0.08 * m, f"{model}: 0 included in {len(s)} cell{'s' * (len(s) > 1)}",
+                                fontsize=5.5,
                                 color=colors[m % len(colors)], transform=ax.transAxes)
                 ax.set_ylim(*ylim)
                 ax.axhline(BOUNDARY, color=WONG["grey"], ls="--", lw=0.8)
@@ -316,10 +346,11 @@ def phase_figure(table: pd.DataFrame) -> Figure:
         for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
-        fig.tight_layout(rect=(0, 0.2, 1, 1))
+        fig.tight_layout(rect=(0, 0.2, 1, 0.96))
         fig.supxlabel("D: unique filler lines between the field and the next block (log(1 + D) axis); CIs beyond "
                       f"[{ylim[0]:.1f}, {ylim[1]:.1f}] end in an arrowhead", fontsize=7.5, y=0.13)
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=6.5, frameon=False)
+        fig.suptitle("Field-only recovery per cell, one gate (K = 1); n = pairs behind each point", fontsize=8)
     return fig
 
 
@@ -356,7 +387,7 @@ def regime_map(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, scenari
     out.mkdir(parents=True, exist_ok=True)
     flat = flat_table(table)
     write_table(out, stem, flat)
-    (out / f"{stem}.tex").write_text(flat.to_latex(index=False, float_format="%.2f", na_rep=""))
+    (out / f"{stem}.tex").write_text(latex_table(table))
     fig = phase_figure(table)
     for ext in ("png", "pdf"):
         fig.savefig(out / f"{stem}.{ext}", dpi=200)
@@ -368,7 +399,8 @@ def regime_pilot(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, scena
                  prefix: str = "pilot-", models: list[str] | None = None) -> dict:
     """The pilot's table (experiment=regime_pilot: one record per layout, D drawn from a range): every layout's flip
     and correct-flip rates by direction and its recoveries, chosen or not; no regression (D is not a factor there).
-    Writes results/regime_map/<scenario>-pilot.json (-<prefix stem>-pilot.json for another prefix) and figures/regime_pilot.{csv,md,tex}."""
+    Writes results/regime_map/<scenario>-pilot.json (-<prefix stem>-pilot.json for another prefix) and
+    figures/regime_pilot.{csv,md,tex}."""
     paths = map_records(results, scenario, prefix, models)
     table, _, sources = cells(paths, exact_d=False)
     rate = table["correct_flip"].map(lambda c: c["mean"] if c["mean"] is not None else -1.0)
@@ -384,11 +416,11 @@ def regime_pilot(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, scena
     out.mkdir(parents=True, exist_ok=True)
     stem = "regime_pilot" if scenario == "diverse_all" else f"regime_pilot_{scenario}"
     flat = flat_table(table)
-    for i, (col, key) in enumerate((("correct_flip k/n", None), ("correct_flip", "mean"), ("correct_flip lo", "lo"),
-                                    ("correct_flip hi", "hi"))):
-        flat.insert(9 + i, col, [f"{c['k']}/{c['n']}" if key is None else c[key] for c in table["correct_flip"]])
+    at = list(flat.columns).index("correct_flip k/n") + 1      # the rate the pilot chooses by, with its CI
+    for i, (col, key) in enumerate((("correct_flip", "mean"), ("correct_flip lo", "lo"), ("correct_flip hi", "hi"))):
+        flat.insert(at + i, col, [c[key] for c in table["correct_flip"]])
     write_table(out, stem, flat)
-    (out / f"{stem}.tex").write_text(flat.to_latex(index=False, float_format="%.2f", na_rep=""))
+    (out / f"{stem}.tex").write_text(latex_table(table))
     print(f"wrote {record} and {out / stem}.tex")
     return analysis
 

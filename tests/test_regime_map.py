@@ -168,6 +168,34 @@ def test_the_headline_block_spans_each_regimes_cells(mini_map, tmp_path):
             assert f"| {len(sub)} |" in row and f"{means[0]:.2f}" in row and f"{means[-1]:.2f}" in row
     reg = analysis["models"]["tiny-llama"]["regression"]["included"]
     if "not_fitted" not in reg:     # fitted values only at the D each layout and question position measured
-        assert "at D = 0 → " in text and "at D = 4" in text and "at D = 48" not in text
+        assert " at D = 0 | " in text and " at D = 4 |" in text          # smallest and largest D measured
+        assert "at D = 48" not in text
     with pytest.raises(rn.MissingRecord, match="figures.regime_map"):
         rn.render_block("headline-test", {**spec, "file": "regime_map/absent.json"}, mini_map)
+
+
+def test_no_boundary_is_printed_for_a_layout_of_few_included_pairs(tmp_path):
+    """A (layout, Q, K) whose cells include fewer than MIN_BOUNDARY_PAIRS pairs gets no fitted boundary in the README
+    block (the fit there would be the other cells' terms), and the block says how many pairs it has."""
+    from figures import readme_numbers as rn
+    est = {"mean": 0.1, "lo": 0.0, "hi": 0.2, "n": 2, "G": 2}
+
+    def cell(layout, order, d, n_included):
+        return {"model": "m", "layout": layout, "order": order, "Q": "last", "K": 4, "D": d, "n_included": n_included,
+                "n_gated": 68, "correct_flip": {"k": n_included + 1, "n": 68}, "field_only": est,
+                "downstream_only": est}
+
+    def bound(layout):
+        return {"layout": layout, "Q": "last", "K": 4, "threshold": 0.2, "first_D_fitted_below": 0,
+                "first_D_ci_below": 16, "points": []}
+
+    rec = {"kind": "regime_map", "records": [{"git_sha": "abc1234"}],
+           "models": {"m": {"cells": [cell("rule_first", "R->F", 0, 20), cell("field_first_user", "F->R", 0, 2),
+                                      cell("field_first_user", "F->R", 16, 1)],
+                            "boundary": {"included": [bound("rule_first"), bound("field_first_user")]}}}}
+    (tmp_path / "regime_map").mkdir()
+    (tmp_path / "regime_map" / "x.json").write_text(json.dumps(rec))
+    text = rn.render_block("b", {"kind": "regime", "file": "regime_map/x.json", "model": "m", "where": {"K": 4},
+                                 "command": "c"}, tmp_path)
+    assert "rule_first, Q last: below 0.2 from D = 0 (whole CI from D = 16)" in text
+    assert "field_first_user, Q last: not given (3 included pairs in its cells" in text
