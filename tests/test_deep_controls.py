@@ -347,3 +347,26 @@ def test_a_malformed_record_stops_the_command_line_naming_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(SystemExit, match=f"malformed record {bad}"):
         dc.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"), "--models", MODEL])
+
+
+def test_the_readme_block_shows_the_tables_rows_and_names_a_missing_control(results, made):
+    """figures/readme_numbers.py's `deep` block is tab:deepmech's rows of the named controls (our value, CI, n, G and
+    the paper's columns), with the records it read in its footer; a control with no record of ours is an error that
+    names the command, never a silently shorter block."""
+    from figures import readme_numbers as rn
+    out, _, _ = made
+    table = _table(out, "tab_deepmech")
+    spec = {"kind": "deep", "table": "deepmech", "models": [MODEL], "controls": ["D1", "D4"]}
+    text = rn.render_block("deep-test", spec, results)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| D")]
+    ours = table[(table["model"] == MODEL) & table["control"].isin(["D1", "D4"])]
+    assert len(rows) == len(ours) and len(rows) > 4
+    first = ours.iloc[0]
+    assert rows[0].startswith(f"| {first['control']} | {MODEL} | {first['regime']} | {first['quantity']} | "
+                              f"{first['value']:.2f}")
+    assert "injection" in text and "decodability" in text and "deep_controls.py" in text
+    gone = results.parent / "without_d4"
+    shutil.copytree(results, gone)
+    shutil.rmtree(gone / "injection")
+    with pytest.raises(rn.MissingRecord, match="experiment=deep_inject model=tiny-llama"):
+        rn.render_block("deep-test", spec, gone)
