@@ -267,6 +267,10 @@ BLOCKS: dict[str, dict] = {
                  "paper's numbers",
         "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-1.5b"], "controls": ["D1", "D2"],
     },
+    "deep-d4-d5-qwen2.5-coder-1.5b": {
+        "shows": "step 6, D4 (false-note injection, F->R) and D5 (off-template tasks), 1.5B, beside the paper's numbers",
+        "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-1.5b"], "controls": ["D4", "D5"],
+    },
     "circuit-scrub-qwen2.5-coder-1.5b": {
         "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per F->R layout, 1.5B",
         **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS[1:]),
@@ -531,12 +535,14 @@ def render_deep(block_id: str, spec: dict, results: Path) -> str:
             return str(int(x))
         return _number(float(x), digits)
 
-    head = ["control", "model", "regime", "quantity", "ours [95 % CI]", "n", "G", *paper_cols, "note"]
+    head = ["control", "model", "regime", "quantity", "ours [95 % CI]", "n", "G", "p", *paper_cols, "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ours.to_dict("records"):
         val = num(r["value"]) + ("" if num(r["ci_lo"]) == "" else f" [{num(r['ci_lo'])}, {num(r['ci_hi'])}]")
-        lines.append("| " + " | ".join([r["control"], r["model"], str(r["regime"]), r["quantity"], val, num(r["n"]),
-                                        num(r["G"]), *(num(r[c]) for c in paper_cols),
+        pv = "" if r["p_value"] is None or r["p_value"] != r["p_value"] else _number(r["p_value"], 0, True)
+        regime = r["regime"] if r["regime"] not in (None, "", "n/a") else "no rule order"   # e.g. off-template tasks
+        lines.append("| " + " | ".join([r["control"], r["model"], regime, r["quantity"], val, num(r["n"]),
+                                        num(r["G"]), pv, *(num(r[c]) for c in paper_cols),
                                         str(r["note"] or "").replace("|", "\\|")]) + " |")
     used = sorted({r["record"] for r in ours.to_dict("records") if r["record"]})
     shas = {repo_relative(src.path): str(plain_value(src.info["git_sha"]))[:7] for src in reader._cache.values()}
