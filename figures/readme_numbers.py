@@ -271,6 +271,10 @@ BLOCKS: dict[str, dict] = {
         "shows": "step 6, D4 (false-note injection, F->R) and D5 (off-template tasks), 1.5B, beside the paper's numbers",
         "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-1.5b"], "controls": ["D4", "D5"],
     },
+    "deep-xfamily-qwen2.5-coder-1.5b": {
+        "shows": "step 6, D6: the paper's cancel/deny family (Family C) on the 1.5B, beside the paper's numbers",
+        "kind": "deep", "table": "xfamily", "models": ["qwen2.5-coder-1.5b"], "controls": ["D6"],
+    },
     "circuit-scrub-qwen2.5-coder-1.5b": {
         "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per F->R layout, 1.5B",
         **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS[1:]),
@@ -539,6 +543,8 @@ def render_deep(block_id: str, spec: dict, results: Path) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ours.to_dict("records"):
         val = num(r["value"]) + ("" if num(r["ci_lo"]) == "" else f" [{num(r['ci_lo'])}, {num(r['ci_hi'])}]")
+        if val == "" and not r["note"] and r["n"] == 0:
+            val = "no pair included"
         pv = "" if r["p_value"] is None or r["p_value"] != r["p_value"] else _number(r["p_value"], 0, True)
         regime = r["regime"] if r["regime"] not in (None, "", "n/a") else "no rule order"   # e.g. off-template tasks
         lines.append("| " + " | ".join([r["control"], r["model"], regime, r["quantity"], val, num(r["n"]),
