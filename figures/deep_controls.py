@@ -128,6 +128,11 @@ class Reader:
             return None
         return self.load(path, probe)
 
+    @property
+    def loaded(self) -> list[Loaded]:
+        """The records read so far, in reading order."""
+        return list(self._cache.values())
+
     def load(self, path: Path, probe: str | None = None) -> Loaded:
         """A record by path. Raises RecordError when it is malformed or not a `probe` record."""
         path = Path(path)
