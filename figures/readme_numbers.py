@@ -268,12 +268,34 @@ BLOCKS: dict[str, dict] = {
         "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-1.5b"], "controls": ["D1", "D2"],
     },
     "deep-d4-d5-qwen2.5-coder-1.5b": {
-        "shows": "step 6, D4 (false-note injection, F->R) and D5 (off-template tasks), 1.5B, beside the paper's numbers",
+        "shows": "step 6, D4 (false-note injection, F->R) and D5 (off-template tasks), 1.5B, beside the paper's "
+                 "numbers",
         "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-1.5b"], "controls": ["D4", "D5"],
     },
     "deep-xfamily-qwen2.5-coder-1.5b": {
         "shows": "step 6, D6: the paper's cancel/deny family (Family C) on the 1.5B, beside the paper's numbers",
         "kind": "deep", "table": "xfamily", "models": ["qwen2.5-coder-1.5b"], "controls": ["D6"],
+    },
+    "circuit-heads-qwen2.5-coder-1.5b": {
+        "shows": "step 7: read / write heads (paper_spec §4.1, §4.2), joint top-k ranked on held-out domains against "
+                 "joint random-k nulls, 1.5B",
+        **circuit_records("heads", "qwen2.5-coder-1.5b", ("field_first_user",)),
+        "rows": [*(("read", f"cum_cf/{k}", f"read heads: joint top-{k}, ranked on held-out domains")
+                   for k in (1, 3, 12)),
+                 ("read", "cum_in/12", "read heads: joint top-12, ranked in-sample"),
+                 ("read", "null/12", "read heads: random joint 12-sets (null: mean, 95 % band)", "mean", "lo", "hi"),
+                 ("read", "null/12", "read heads: p(held-out top-12 >= random), one-sided (floor 1/(B + 1))",
+                  "p_cf_ge_null"),
+                 ("read", "stability", "read heads: top-8 sets across pairs, mean pairwise Jaccard",
+                  "mean_pairwise_jaccard"),
+                 ("read", "dla_vs_exact/spearman", "read heads: DLA vs exact single-head patch, Spearman"),
+                 *(row for sweep, where in (("write1", "the top-1 note"), ("writeN", "the top-4 notes jointly"))
+                   for row in (
+                       (sweep, "cum_cf/12", f"write heads at {where}: joint top-12, held-out ranking"),
+                       (sweep, "null/12", f"write heads at {where}: random joint 12-sets (null: mean, 95 % band)",
+                        "mean", "lo", "hi"),
+                       (sweep, "null/12", f"write heads at {where}: p(held-out top-12 >= random)", "p_cf_ge_null")))],
+        "digits": 2,
     },
     "circuit-scrub-qwen2.5-coder-1.5b": {
         "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per F->R layout, 1.5B",
