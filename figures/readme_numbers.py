@@ -297,6 +297,18 @@ BLOCKS: dict[str, dict] = {
                        (sweep, "null/12", f"write heads at {where}: p(held-out top-12 >= random)", "p_cf_ge_null")))],
         "digits": 2,
     },
+    "circuit-direction-qwen2.5-coder-1.5b": {
+        "shows": "step 7: difference-of-means conclusion direction at the notes (paper_spec §4.4), fitted "
+                 "leave-one-domain-out, against norm-matched random directions, 1.5B",
+        **circuit_records("direction", "qwen2.5-coder-1.5b", ("field_first_user",)),
+        "rows": [row for li in ("9", "14", "18", "22") for row in (
+            (li, "full", f"layer {li}: the whole clean - corrupt difference added at the notes (ceiling)"),
+            (li, "along_dm", f"layer {li}: only its component along the DoM direction (sufficiency)"),
+            (li, "random_null", f"layer {li}: norm-matched random directions (null: mean, 95 % band)",
+             "mean", "lo", "hi"),
+            (li, "necessity_dm", f"layer {li}: DoM component projected out of the clean run (necessity drop)"),
+            (li, "heldout_auc_dm", f"layer {li}: held-out AUC of the DoM projection for the conclusion"))],
+    },
     "circuit-scrub-qwen2.5-coder-1.5b": {
         "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per F->R layout, 1.5B",
         **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS[1:]),
