@@ -127,7 +127,7 @@ def plotted(agg: pd.DataFrame, model: str) -> pd.DataFrame:
 
 def _legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=5.5, frameon=False)
+        ax.legend(fontsize=5.5, frameon=True, framealpha=0.85, edgecolor="none")   # readable over a line
     else:
         ax.text(0.5, 0.5, "no record", ha="center", va="center", transform=ax.transAxes, fontsize=7)
 
