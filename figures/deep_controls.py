@@ -82,13 +82,18 @@ COMMANDS = {
     "D5": "python run.py -m experiment=deep_offtemplate model={model}",
     "D6": "python run.py -m experiment=deep_xfamily model={model}",
     "D6 S, I": "python run.py -m experiment=deep_xfamily model={model} probe=topk,injection scenario={scenario}",
+    "D1 R->F": "python run.py -m experiment=deep_d1 model={model} scenario.params.layout=rule_first tag=rule_first",
+    "D4 R->F": "python run.py experiment=deep_inject model={model} scenario.params.layout=rule_first tag=rule_first",
 }
+CONTRAST = "rule_first"   # tag of D1's and D4's R->F contrast records (the same experiment, the rule first); their
+                          # rows carry the record's own regime and no paper column (the paper's numbers are F->R)
 D3_NEEDS = "python run.py -m experiment=regime_map model={model}"   # the map cells regime_long takes its pairs from
 
 
 STEP6_RECORDS = [   # (probe, scenario, tag) of the fixed-name step-6 records; D3's map cells are found by name
     ("locality", TRIGGER, None), ("decodability", TRIGGER, None), ("layers", TRIGGER, TIMING_TAG),
-    ("injection", INJECT, None), *(("locality", s, None) for s in OFFTEMPLATE),
+    ("injection", INJECT, None), ("locality", TRIGGER, CONTRAST), ("decodability", TRIGGER, CONTRAST),
+    ("injection", INJECT, CONTRAST), *(("locality", s, None) for s in OFFTEMPLATE),
     *((probe, s, None) for s in (*XFAMILY, XFAMILY_TRIGGER) for probe in ("locality", "topk", "injection",
                                                                          "decodability"))]
 
@@ -301,23 +306,26 @@ TARGETS = ("conclusion", "field_value", "trigger")
 def d1_rows(reader: Reader, models: list[str]) -> list[dict]:
     """tab:deepmech D1 (paper_spec §3.10, §7.3 (i)): trigger-only / notes / full splices (locality on
     diverse_trigger), the LOSO probe accuracies at the decision anchor (best layer, in-sample) and the samples on
-    which a reader of the trigger or of the field value gets the conclusion wrong (decodability)."""
+    which a reader of the trigger or of the field value gets the conclusion wrong (decodability); then the same from
+    the R->F contrast records (tag rule_first) where present, without paper columns."""
     rows = []
     paper = {"field_only_recovery": "d1_trigger_only", "downstream_only_recovery": "d1_notes",
              "full_downstream_recovery": "d1_full"}
-    for model in models:
-        cmd = COMMANDS["D1"].format(model=model)
-        loc = reader.get("locality", model, TRIGGER, None, cmd, "tab_deepmech D1")
+    for model, tag in ((m, t) for m in models for t in (None, CONTRAST)):
+        cmd = COMMANDS["D1" if tag is None else "D1 R->F"].format(model=model)
+        who = "tab_deepmech D1" + ("" if tag is None else " (R->F contrast)")
+        pk = (lambda key: key) if tag is None else (lambda key: None)   # noqa: E731 (paper columns: F->R only)
+        loc = reader.get("locality", model, TRIGGER, tag, cmd, who)
         if loc is not None:
-            rows += [summary_row(loc, "D1", q, m, note=nt, paper=paper[m]) for m, (q, nt) in TRIGGER_ROWS.items()]
-        dec = reader.get("decodability", model, TRIGGER, None, cmd, "tab_deepmech D1")
+            rows += [summary_row(loc, "D1", q, m, note=nt, paper=pk(paper[m])) for m, (q, nt) in TRIGGER_ROWS.items()]
+        dec = reader.get("decodability", model, TRIGGER, tag, cmd, who)
         if dec is None:
             continue
         g = ("n_scenarios", "", "value")
         not_probed = node(dec.agg, "not_probed") or {}
         for target, key in zip(TARGETS, ("d1_probe_conclusion", "d1_probe_field", None)):
             row = summary_row(dec, "D1", f"LOSO {target.replace('_', ' ')} probe accuracy, decision anchor (n = arms)",
-                              "best_layer", f"decision/{target}", value="accuracy", g=g, paper=key)
+                              "best_layer", f"decision/{target}", value="accuracy", g=g, paper=pk(key))
             best = node(dec.agg, "best_layer", f"decision/{target}")
             row["note"] = (f"best layer {best['layer']} (depth {best['depth']:.2f}), chosen in-sample: descriptive"
                            if best else not_probed.get(target) or row["note"])
@@ -441,14 +449,16 @@ def injection_rows(src: Loaded, control: str, paper: dict, ks=D4_KS) -> list[dic
 
 
 def d4_rows(reader: Reader, models: list[str]) -> list[dict]:
-    """tab:deepmech D4 (paper_spec §3.13, §7.3 (iv)) from injection/<model>/diverse_all.json."""
+    """tab:deepmech D4 (paper_spec §3.13, §7.3 (iv)) from injection/<model>/diverse_all.json (F->R) and, where
+    present, its R->F contrast diverse_all-rule_first.json (no paper column)."""
     paper = {"full": "d4_full_injection", "flip": "d4_flip_rate", "follow": "d4_follow_rate",
              **{f"dose_{k}": f"d4_dose_k{k}" for k in D4_KS}}
     rows = []
-    for model in models:
-        src = reader.get("injection", model, INJECT, None, COMMANDS["D4"].format(model=model), "tab_deepmech D4")
+    for model, tag in ((m, t) for m in models for t in (None, CONTRAST)):
+        cmd = COMMANDS["D4" if tag is None else "D4 R->F"].format(model=model)
+        src = reader.get("injection", model, INJECT, tag, cmd, "tab_deepmech D4" + (" (R->F contrast)" if tag else ""))
         if src is not None:
-            rows += injection_rows(src, "D4", paper)
+            rows += injection_rows(src, "D4", paper if tag is None else {})   # paper columns: F->R only
     return rows
 
 

@@ -370,3 +370,24 @@ def test_the_readme_block_shows_the_tables_rows_and_names_a_missing_control(resu
     shutil.rmtree(gone / "injection")
     with pytest.raises(rn.MissingRecord, match="experiment=deep_inject model=tiny-llama"):
         rn.render_block("deep-test", spec, gone)
+
+
+def test_the_r_to_f_contrast_records_add_rows_of_their_own_regime_without_paper_columns(results, tmp_path):
+    """D1's and D4's R->F contrast (the same experiments with the rule first, tag rule_first) add rows to
+    tab:deepmech beside the F->R ones: their regime is the records' own (R->F) and no paper number sits beside them
+    (the paper's are F->R); a missing contrast record is named with its command."""
+    res = tmp_path / "results"
+    shutil.copytree(results, res)
+    common = (*COMMON, f"results_dir={res}", "scenario.params.layout=rule_first", "tag=rule_first")
+    run_py("experiment=deep_d1", TRIGGER_DOMAINS, *common, hydra_dir=tmp_path / "h1", multirun=True)
+    paper = dc.load_paper_numbers()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        table = dc.deepmech_table(dc.Reader(res), [MODEL], paper)
+    d1 = table[(table["control"] == "D1") & (table["model"] == MODEL)]
+    contrast = d1[d1["record"].astype(str).str.contains("diverse_trigger-rule_first")]
+    assert len(contrast) and (contrast["regime"] == "R->F").all() and (d1["regime"] == "F->R").any()
+    assert contrast["paper_key"].isna().all()
+    paper_cols = [c for c in table.columns if c.startswith("paper: ")]
+    assert contrast[paper_cols].isna().all().all()
+    assert f"python run.py experiment=deep_inject model={MODEL} scenario.params.layout=rule_first tag=rule_first" \
+        in printed.getvalue()
