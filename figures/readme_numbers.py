@@ -309,6 +309,21 @@ BLOCKS: dict[str, dict] = {
             (li, "necessity_dm", f"layer {li}: DoM component projected out of the clean run (necessity drop)"),
             (li, "heldout_auc_dm", f"layer {li}: held-out AUC of the DoM projection for the conclusion"))],
     },
+    "circuit-components-qwen2.5-coder-0.5b": {
+        "shows": "step 7: attention vs MLP write attribution on the 0.5B (R->F only: it includes no F->R pair)",
+        **circuit_records("components", "qwen2.5-coder-0.5b", ("rule_first",)),
+        "rows": [(str(t), "attn_share", f"attention share of the write by layer {t}") for t in (8, 12, 15, 23)],
+    },
+    "circuit-scrub-qwen2.5-coder-0.5b": {
+        "shows": "step 7: causal scrubbing on the 0.5B (R->F only: it includes no F->R pair)",
+        **circuit_records("scrub", "qwen2.5-coder-0.5b", ("rule_first",)),
+        "rows": [("interchange", "notes", "notes from the other arm (recovery)"),
+                 ("null_notes", "", "random note sets of the same size from the other arm (null: mean, 95 % band)",
+                  "mean", "lo", "hi"),
+                 ("interchange", "rest", "everything but the notes from the other arm (recovery)"),
+                 ("drift", "instance:notes", "drift: the notes from a same-conclusion prompt of the same domain"),
+                 ("drift", "domain:notes", "drift: the notes from a same-conclusion prompt of another domain")],
+    },
     "circuit-scrub-qwen2.5-coder-1.5b": {
         "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per F->R layout, 1.5B",
         **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS[1:]),
