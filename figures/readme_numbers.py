@@ -314,6 +314,16 @@ BLOCKS: dict[str, dict] = {
         **circuit_records("components", "qwen2.5-coder-0.5b", ("rule_first",)),
         "rows": [(str(t), "attn_share", f"attention share of the write by layer {t}") for t in (8, 12, 15, 23)],
     },
+    "circuit-direction-qwen2.5-coder-0.5b": {
+        "shows": "step 7: the DoM conclusion direction on the 0.5B (R->F only: it includes no F->R pair)",
+        **circuit_records("direction", "qwen2.5-coder-0.5b", ("rule_first",)),
+        "rows": [row for li in ("8", "12", "15", "19") for row in (
+            (li, "full", f"layer {li}: the whole clean - corrupt difference added at the notes (ceiling)"),
+            (li, "along_dm", f"layer {li}: only its component along the DoM direction (sufficiency)"),
+            (li, "random_null", f"layer {li}: norm-matched random directions (null: mean, 95 % band)",
+             "mean", "lo", "hi"),
+            (li, "necessity_dm", f"layer {li}: DoM component projected out of the clean run (necessity drop)"))],
+    },
     "circuit-scrub-qwen2.5-coder-0.5b": {
         "shows": "step 7: causal scrubbing on the 0.5B (R->F only: it includes no F->R pair)",
         **circuit_records("scrub", "qwen2.5-coder-0.5b", ("rule_first",)),
