@@ -88,6 +88,31 @@ def circuit_records(probe: str, model: str, layouts=CIRCUIT_LAYOUTS) -> dict:
             "record_column": "layout"}
 
 
+SCRUB_ROWS = [("interchange", "notes", "notes from the other arm (recovery)"),
+              ("null_notes", "", "random note sets of the same size from the other arm (null: mean, 95 % band)",
+               "mean", "lo", "hi"),
+              ("interchange", "rest", "everything but the notes from the other arm (recovery)"),
+              ("drift", "instance:notes", "drift: the notes from a same-conclusion prompt of the same domain"),
+              ("drift", "instance:rest", "drift: the rest from that prompt"),
+              ("drift", "domain:notes", "drift: the notes from a same-conclusion prompt of another domain")]
+
+
+def direction_rows(layers, auc: bool = False) -> list[tuple]:
+    """The direction probe's rows per layer (circuits/direction.py's aggregate keys): the full difference (its
+    ceiling), the DoM component alone, the norm-matched random null, the necessity drop and, with auc, the held-out
+    AUC of the DoM projection."""
+    rows = []
+    for li in map(str, layers):
+        rows += [(li, "full", f"layer {li}: the whole clean - corrupt difference added at the notes (ceiling)"),
+                 (li, "along_dm", f"layer {li}: only its component along the DoM direction (sufficiency)"),
+                 (li, "random_null", f"layer {li}: norm-matched random directions (null: mean, 95 % band)",
+                  "mean", "lo", "hi"),
+                 (li, "necessity_dm", f"layer {li}: DoM component projected out of the clean run (necessity drop)")]
+        if auc:
+            rows.append((li, "heldout_auc_dm", f"layer {li}: held-out AUC of the DoM projection for the conclusion"))
+    return rows
+
+
 BLOCKS: dict[str, dict] = {
     "locality-qwen2.5-coder-1.5b-diverse": {
         "shows": "Fig. 3a numbers on the 1.5B, diverse: recovery of each splice, and the inclusion rate",
@@ -301,13 +326,7 @@ BLOCKS: dict[str, dict] = {
         "shows": "step 7: difference-of-means conclusion direction at the notes (paper_spec §4.4), fitted "
                  "leave-one-domain-out, against norm-matched random directions, 1.5B",
         **circuit_records("direction", "qwen2.5-coder-1.5b", ("field_first_user",)),
-        "rows": [row for li in ("9", "14", "18", "22") for row in (
-            (li, "full", f"layer {li}: the whole clean - corrupt difference added at the notes (ceiling)"),
-            (li, "along_dm", f"layer {li}: only its component along the DoM direction (sufficiency)"),
-            (li, "random_null", f"layer {li}: norm-matched random directions (null: mean, 95 % band)",
-             "mean", "lo", "hi"),
-            (li, "necessity_dm", f"layer {li}: DoM component projected out of the clean run (necessity drop)"),
-            (li, "heldout_auc_dm", f"layer {li}: held-out AUC of the DoM projection for the conclusion"))],
+        "rows": direction_rows((9, 14, 18, 22), auc=True),
     },
     "circuit-components-qwen2.5-coder-0.5b": {
         "shows": "step 7: attention vs MLP write attribution on the 0.5B (R->F only: it includes no F->R pair)",
@@ -317,33 +336,17 @@ BLOCKS: dict[str, dict] = {
     "circuit-direction-qwen2.5-coder-0.5b": {
         "shows": "step 7: the DoM conclusion direction on the 0.5B (R->F only: it includes no F->R pair)",
         **circuit_records("direction", "qwen2.5-coder-0.5b", ("rule_first",)),
-        "rows": [row for li in ("8", "12", "15", "19") for row in (
-            (li, "full", f"layer {li}: the whole clean - corrupt difference added at the notes (ceiling)"),
-            (li, "along_dm", f"layer {li}: only its component along the DoM direction (sufficiency)"),
-            (li, "random_null", f"layer {li}: norm-matched random directions (null: mean, 95 % band)",
-             "mean", "lo", "hi"),
-            (li, "necessity_dm", f"layer {li}: DoM component projected out of the clean run (necessity drop)"))],
+        "rows": direction_rows((8, 12, 15, 19)),
     },
     "circuit-scrub-qwen2.5-coder-0.5b": {
         "shows": "step 7: causal scrubbing on the 0.5B (R->F only: it includes no F->R pair)",
         **circuit_records("scrub", "qwen2.5-coder-0.5b", ("rule_first",)),
-        "rows": [("interchange", "notes", "notes from the other arm (recovery)"),
-                 ("null_notes", "", "random note sets of the same size from the other arm (null: mean, 95 % band)",
-                  "mean", "lo", "hi"),
-                 ("interchange", "rest", "everything but the notes from the other arm (recovery)"),
-                 ("drift", "instance:notes", "drift: the notes from a same-conclusion prompt of the same domain"),
-                 ("drift", "domain:notes", "drift: the notes from a same-conclusion prompt of another domain")],
+        "rows": SCRUB_ROWS,
     },
     "circuit-scrub-qwen2.5-coder-1.5b": {
         "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per F->R layout, 1.5B",
         **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS[1:]),
-        "rows": [("interchange", "notes", "notes from the other arm (recovery)"),
-                 ("null_notes", "", "random note sets of the same size from the other arm (null: mean, 95 % band)",
-                  "mean", "lo", "hi"),
-                 ("interchange", "rest", "everything but the notes from the other arm (recovery)"),
-                 ("drift", "instance:notes", "drift: the notes from a same-conclusion prompt of the same domain"),
-                 ("drift", "instance:rest", "drift: the rest from that prompt"),
-                 ("drift", "domain:notes", "drift: the notes from a same-conclusion prompt of another domain")],
+        "rows": SCRUB_ROWS,
     },
     "knockout-qwen2.5-coder-1.5b-diverse": {
         "shows": "knockout on the 1.5B: all downstream masked in every layer, per state; E4 attention mass",
