@@ -108,9 +108,9 @@ def check_probe(probe: Probe, conf: dict) -> dict:
     remote = conf["model"].get("remote")
     if remote and "backend" not in options:
         raise ProbeConfigError(f"model {conf['model']['name']!r} has remote={remote!r} (true: the weights are on NDIF; "
-                               f"'local': nnsight's dry run of that path), so every forward of probe {spec.name!r} must "
-                               f"go through nnsight: it has no such path; the circuit probes heads, components and "
-                               f"direction have one (probe.backend=nnsight)")
+                               f"'local': nnsight's dry run of that path), so every forward of probe {spec.name!r} "
+                               f"must go through nnsight: it has no such path; the circuit probes heads, components "
+                               f"and direction have one (probe.backend=nnsight)")
     if "backend" in options:
         from circuits.common import check_backend
         try:

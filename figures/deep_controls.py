@@ -82,12 +82,16 @@ COMMANDS = {
     "D5": "python run.py -m experiment=deep_offtemplate model={model}",
     "D6": "python run.py -m experiment=deep_xfamily model={model}",
     "D6 S, I": "python run.py -m experiment=deep_xfamily model={model} probe=topk,injection scenario={scenario}",
-    "D1 R->F": "python run.py -m experiment=deep_d1 model={model} scenario.params.layout=rule_first tag=rule_first",
-    "D4 R->F": "python run.py experiment=deep_inject model={model} scenario.params.layout=rule_first tag=rule_first",
 }
+D3_NEEDS = "python run.py -m experiment=regime_map model={model}"   # the map cells regime_long takes its pairs from
 CONTRAST = "rule_first"   # tag of D1's and D4's R->F contrast records (the same experiment, the rule first); their
                           # rows carry the record's own regime and no paper column (the paper's numbers are F->R)
-D3_NEEDS = "python run.py -m experiment=regime_map model={model}"   # the map cells regime_long takes its pairs from
+
+
+def _command(control: str, model: str, tag: str | None) -> str:
+    """The command that makes `control`'s record of `model`: the contrast (tag CONTRAST) adds the rule-first layout."""
+    cmd = COMMANDS[control].format(model=model)
+    return cmd if tag is None else f"{cmd} scenario.params.layout=rule_first tag={tag}"
 
 
 STEP6_RECORDS = [   # (probe, scenario, tag) of the fixed-name step-6 records; D3's map cells are found by name
@@ -312,12 +316,13 @@ def d1_rows(reader: Reader, models: list[str]) -> list[dict]:
     paper = {"field_only_recovery": "d1_trigger_only", "downstream_only_recovery": "d1_notes",
              "full_downstream_recovery": "d1_full"}
     for model, tag in ((m, t) for m in models for t in (None, CONTRAST)):
-        cmd = COMMANDS["D1" if tag is None else "D1 R->F"].format(model=model)
+        cmd = _command("D1", model, tag)
         who = "tab_deepmech D1" + ("" if tag is None else " (R->F contrast)")
-        pk = (lambda key: key) if tag is None else (lambda key: None)   # noqa: E731 (paper columns: F->R only)
+        primary = tag is None                                  # paper columns: F->R only
         loc = reader.get("locality", model, TRIGGER, tag, cmd, who)
         if loc is not None:
-            rows += [summary_row(loc, "D1", q, m, note=nt, paper=pk(paper[m])) for m, (q, nt) in TRIGGER_ROWS.items()]
+            rows += [summary_row(loc, "D1", q, m, note=nt, paper=paper[m] if primary else None)
+                     for m, (q, nt) in TRIGGER_ROWS.items()]
         dec = reader.get("decodability", model, TRIGGER, tag, cmd, who)
         if dec is None:
             continue
@@ -325,7 +330,8 @@ def d1_rows(reader: Reader, models: list[str]) -> list[dict]:
         not_probed = node(dec.agg, "not_probed") or {}
         for target, key in zip(TARGETS, ("d1_probe_conclusion", "d1_probe_field", None)):
             row = summary_row(dec, "D1", f"LOSO {target.replace('_', ' ')} probe accuracy, decision anchor (n = arms)",
-                              "best_layer", f"decision/{target}", value="accuracy", g=g, paper=pk(key))
+                              "best_layer", f"decision/{target}", value="accuracy", g=g,
+                              paper=key if primary else None)
             best = node(dec.agg, "best_layer", f"decision/{target}")
             row["note"] = (f"best layer {best['layer']} (depth {best['depth']:.2f}), chosen in-sample: descriptive"
                            if best else not_probed.get(target) or row["note"])
@@ -455,7 +461,7 @@ def d4_rows(reader: Reader, models: list[str]) -> list[dict]:
              **{f"dose_{k}": f"d4_dose_k{k}" for k in D4_KS}}
     rows = []
     for model, tag in ((m, t) for m in models for t in (None, CONTRAST)):
-        cmd = COMMANDS["D4" if tag is None else "D4 R->F"].format(model=model)
+        cmd = _command("D4", model, tag)
         src = reader.get("injection", model, INJECT, tag, cmd, "tab_deepmech D4" + (" (R->F contrast)" if tag else ""))
         if src is not None:
             rows += injection_rows(src, "D4", paper if tag is None else {})   # paper columns: F->R only

@@ -49,7 +49,6 @@ LOCALITY_ROWS = [
     ("full_downstream_recovery", "", "full downstream (= 1 by construction)"),
     ("inclusion_rate", "", "gated pairs included"),
 ]
-RELAXED = "abs_delta_m_ge_0.5"   # the slice of every gated pair with |delta m| >= 0.5 (figures.regime_map)
 SW = ("scenario_weighted_mean", "scenario_weighted_ci_lo", "scenario_weighted_ci_hi")   # the scenario-weighted columns
 
 
@@ -496,13 +495,15 @@ def render_regime(block_id: str, spec: dict, results: Path) -> str:
         said = []
         for b in rec["models"][spec["model"]]["boundary"]["included"]:
             cell = (b["layout"], b["Q"], b["K"])
+            if cell not in keys:
+                continue
             behind = sum(c["n_included"] for c in cells if (c["layout"], c["Q"], c["K"]) == cell)
-            if cell in keys and b.get("not_fitted"):
+            if b.get("not_fitted"):
                 said.append(f"{b['layout']}, Q {b['Q']}: not fitted (no pair of it passes the inclusion rule)")
-            elif cell in keys and behind < MIN_BOUNDARY_PAIRS:
+            elif behind < MIN_BOUNDARY_PAIRS:
                 said.append(f"{b['layout']}, Q {b['Q']}: not given ({behind} included pair{'s' * (behind != 1)} in "
                             f"its cells; the fit there would rest on the other cells' terms)")
-            elif cell in keys:
+            else:
                 first = b["first_D_fitted_below"]
                 said.append(f"{b['layout']}, Q {b['Q']}: "
                             + ("never below " + str(b["threshold"]) if first is None else
@@ -527,6 +528,7 @@ def render_regime_headline(block_id: str, spec: dict, results: Path) -> str:
     `spec["where"]`), how many cells, how many pairs a cell passes the inclusion rule, and the range of the cells'
     field-only and downstream-only means; then the regression's fitted field-only recovery (with its CI) at the
     smallest and the largest D measured in that layout and question position."""
+    from figures.regime_map import RELAXED    # the analysis record's key of every gated pair with |delta m| >= 0.5
     path, rec = _analysis_record(spec, results)
     digits = spec.get("digits", 2)
     model = rec["models"].get(spec["model"])

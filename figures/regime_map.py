@@ -252,9 +252,9 @@ def flat_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def latex_table(table: pd.DataFrame) -> str:
-    """A compact LaTeX table of the cells (names escaped by hand: the headers are LaTeX): counts, correct flips, field-only and downstream-only as
-    "mean [lo, hi]" on the included pairs, and field-only on every gated pair with |delta m| >= 0.5 with its n. The
-    CSV has every number."""
+    """A compact LaTeX table of the cells (names escaped by hand: the headers are LaTeX): counts, correct flips,
+    field-only and downstream-only as "mean [lo, hi]" on the included pairs, and field-only on every gated pair with
+    |delta m| >= 0.5 with its n. The CSV has every number."""
     def est(c):
         if c["mean"] is None:
             return ""
