@@ -96,6 +96,24 @@ SCRUB_ROWS = [("interchange", "notes", "notes from the other arm (recovery)"),
               ("drift", "domain:notes", "drift: the notes from a same-conclusion prompt of another domain")]
 
 
+# read heads at the decision token, write heads at the top-1 note and at the top-4 notes jointly (circuits/heads.py)
+HEAD_ROWS = [*(("read", f"cum_cf/{k}", f"read heads: joint top-{k}, ranked on held-out domains")
+               for k in (1, 3, 12)),
+             ("read", "cum_in/12", "read heads: joint top-12, ranked in-sample"),
+             ("read", "null/12", "read heads: random joint 12-sets (null: mean, 95 % band)", "mean", "lo", "hi"),
+             ("read", "null/12", "read heads: p(held-out top-12 >= random), one-sided (floor 1/(B + 1))",
+              "p_cf_ge_null"),
+             ("read", "stability", "read heads: top-8 sets across pairs, mean pairwise Jaccard",
+              "mean_pairwise_jaccard"),
+             ("read", "dla_vs_exact/spearman", "read heads: DLA vs exact single-head patch, Spearman"),
+             *(row for sweep, where in (("write1", "the top-1 note"), ("writeN", "the top-4 notes jointly"))
+               for row in (
+                   (sweep, "cum_cf/12", f"write heads at {where}: joint top-12, held-out ranking"),
+                   (sweep, "null/12", f"write heads at {where}: random joint 12-sets (null: mean, 95 % band)",
+                    "mean", "lo", "hi"),
+                   (sweep, "null/12", f"write heads at {where}: p(held-out top-12 >= random)", "p_cf_ge_null")))]
+
+
 def direction_rows(layers, auc: bool = False) -> list[tuple]:
     """The direction probe's rows per layer (circuits/direction.py's aggregate keys): the full difference (its
     ceiling), the DoM component alone, the norm-matched random null, the necessity drop and, with auc, the held-out
@@ -304,21 +322,7 @@ BLOCKS: dict[str, dict] = {
         "shows": "step 7: read / write heads (paper_spec §4.1, §4.2), joint top-k ranked on held-out domains against "
                  "joint random-k nulls, 1.5B",
         **circuit_records("heads", "qwen2.5-coder-1.5b", ("field_first_user",)),
-        "rows": [*(("read", f"cum_cf/{k}", f"read heads: joint top-{k}, ranked on held-out domains")
-                   for k in (1, 3, 12)),
-                 ("read", "cum_in/12", "read heads: joint top-12, ranked in-sample"),
-                 ("read", "null/12", "read heads: random joint 12-sets (null: mean, 95 % band)", "mean", "lo", "hi"),
-                 ("read", "null/12", "read heads: p(held-out top-12 >= random), one-sided (floor 1/(B + 1))",
-                  "p_cf_ge_null"),
-                 ("read", "stability", "read heads: top-8 sets across pairs, mean pairwise Jaccard",
-                  "mean_pairwise_jaccard"),
-                 ("read", "dla_vs_exact/spearman", "read heads: DLA vs exact single-head patch, Spearman"),
-                 *(row for sweep, where in (("write1", "the top-1 note"), ("writeN", "the top-4 notes jointly"))
-                   for row in (
-                       (sweep, "cum_cf/12", f"write heads at {where}: joint top-12, held-out ranking"),
-                       (sweep, "null/12", f"write heads at {where}: random joint 12-sets (null: mean, 95 % band)",
-                        "mean", "lo", "hi"),
-                       (sweep, "null/12", f"write heads at {where}: p(held-out top-12 >= random)", "p_cf_ge_null")))],
+        "rows": HEAD_ROWS,
         "digits": 2,
     },
     "circuit-direction-qwen2.5-coder-1.5b": {
@@ -331,6 +335,12 @@ BLOCKS: dict[str, dict] = {
         "shows": "step 7: attention vs MLP write attribution on the 0.5B (R->F only: it includes no F->R pair)",
         **circuit_records("components", "qwen2.5-coder-0.5b", ("rule_first",)),
         "rows": [(str(t), "attn_share", f"attention share of the write by layer {t}") for t in (8, 12, 15, 23)],
+    },
+    "circuit-heads-qwen2.5-coder-0.5b": {
+        "shows": "step 7: read / write heads on the 0.5B (R->F only: it includes no F->R pair)",
+        **circuit_records("heads", "qwen2.5-coder-0.5b", ("rule_first",)),
+        "rows": HEAD_ROWS,
+        "digits": 2,
     },
     "circuit-direction-qwen2.5-coder-0.5b": {
         "shows": "step 7: the DoM conclusion direction on the 0.5B (R->F only: it includes no F->R pair)",
