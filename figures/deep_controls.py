@@ -274,10 +274,11 @@ def summary_row(src: Loaded, control: str, quantity: str, metric: str, key: str 
     fields of that node; n and g are a field of it or (metric, key, field) of another node (e.g. a probe's G is the
     aggregate's n_scenarios). A record without that node gives the row with no value and a note saying so."""
     s = node(src.agg, metric, key)
+    untestable = none_included(src)
     if s is None:
         where = metric + (f"/{key}" if key else "")
         return {"control": control, "quantity": quantity, "model": src.model, "regime": src.regime or "n/a",
-                "record_name": src.name, "note": f"not in the record (no aggregate {where})",
+                "record_name": src.name, "note": untestable or f"not in the record (no aggregate {where})",
                 "source_metric": metric, "source_key": key, "record": repo_relative(src.path), "paper_key": paper}
 
     def field(spec):
@@ -290,8 +291,21 @@ def summary_row(src: Loaded, control: str, quantity: str, metric: str, key: str 
 
     return {"control": control, "quantity": quantity, "model": src.model, "regime": src.regime or "n/a",
             "record_name": src.name, "value": s.get(value), "ci_lo": field(lo), "ci_hi": field(hi), "n": field(n),
-            "G": field(g), "p_value": field(p), "note": note, "source_metric": metric, "source_key": key,
+            "G": field(g), "p_value": field(p), "note": untestable if s.get(value) is None and untestable else note,
+            "source_metric": metric, "source_key": key,
             "value_field": value, "record": repo_relative(src.path), "paper_key": paper}
+
+
+def none_included(src: Loaded) -> str | None:
+    """The note of a record in which no gated pair passes the inclusion rule (its summary's n_included is 0): the
+    model does not follow the rule there, so the control cannot be measured on it; None otherwise."""
+    summary = src.rec.get("summary") or {}
+    if summary.get("n_included") != 0 or not summary.get("n_gated"):
+        return None
+    rule = (src.rec.get("readout") or {}).get("exclusion_rule") or {}
+    tau = rule.get("min_abs_delta_m")
+    return (f"untestable here: 0 of {summary['n_gated']} gated pairs pass the inclusion rule (decision flips"
+            + (f", correctly, |Δm| ≥ {tau:g}" if tau is not None else "") + ")")
 
 
 LOCALITY_ROWS = {   # aggregate key -> (quantity, note) for the primary (field-change) pairs

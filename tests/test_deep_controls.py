@@ -391,3 +391,24 @@ def test_the_r_to_f_contrast_records_add_rows_of_their_own_regime_without_paper_
     assert contrast[paper_cols].isna().all().all()
     assert f"python run.py experiment=deep_inject model={MODEL} scenario.params.layout=rule_first tag=rule_first" \
         in printed.getvalue()
+
+
+def test_a_record_that_includes_no_pair_says_the_control_is_untestable_there(results, tmp_path):
+    """A record in which no gated pair passes the inclusion rule (a model that does not follow the rule in that
+    regime) gives rows with no value whose note says so, with the count of gated pairs, instead of a blank."""
+    src = results / "locality" / MODEL / "family_c_field_first.json"
+    rec = json.loads(src.read_text())
+    n_gated = rec["summary"]["n_gated"]
+    rec["summary"] = {**rec["summary"], "n_included": 0, "n_excluded": n_gated, "scenarios_included": []}
+    rec["aggregate"]["field_only_recovery"] = {"mean": None, "ci": None, "n": 0, "n_clusters": 0}
+    path = tmp_path / "locality" / MODEL / src.name
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded = dc.Reader(tmp_path).load(path, "locality")
+    row = dc.summary_row(loaded, "D6", "field-only", "field_only_recovery")
+    assert row["value"] is None and row["n"] == 0
+    assert row["note"].startswith(f"untestable here: 0 of {n_gated} gated pairs pass the inclusion rule")
+    kept = dc.summary_row(dc.Reader(results).load(src, "locality"), "D6", "field-only", "field_only_recovery",
+                          note="x")
+    assert kept["note"] == "x" and not kept["note"].startswith("untestable")
