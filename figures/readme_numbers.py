@@ -617,7 +617,7 @@ def render_deep(block_id: str, spec: dict, results: Path) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ours.to_dict("records"):
         val = num(r["value"]) + ("" if num(r["ci_lo"]) == "" else f" [{num(r['ci_lo'])}, {num(r['ci_hi'])}]")
-        if val == "" and not r["note"] and r["n"] == 0:
+        if val == "" and r["n"] == 0:
             val = "no pair included"
         pv = "" if r["p_value"] is None or r["p_value"] != r["p_value"] else _number(r["p_value"], 0, True)
         regime = r["regime"] if r["regime"] not in (None, "", "n/a") else "no rule order"   # e.g. off-template tasks
