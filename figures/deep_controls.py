@@ -166,14 +166,7 @@ def d3_records(reader: Reader, model: str, extra: list[Path] = ()) -> list[Loade
     """D3's top-k records of `model`: the regime map's F->R cells at the longest filler distance D present
     (topk/<model>/diverse_all-map-*.json, regime_long), one per layout, then the records given in `extra` of this
     model. Prints the command that makes them when there is none (paper_spec §3.12, §8 W8, W9)."""
-    index = load_index(reader.results, probe="topk", model=model, scenario=MAP_SCENARIO) \
-        if (reader.results / "topk" / model).is_dir() else pd.DataFrame()
-    found = [reader.load(Path(p), "topk") for p, t in zip(index.get("path", []), index.get("tag", []))
-             if isinstance(t, str) and t.startswith(MAP_PREFIX)]
-    far = [r for r in found if r.regime == "F->R"]
-    depth = lambda r: _n_filler(r.rec)   # noqa: E731
-    longest = max((depth(r) for r in far), default=None)
-    chosen = sorted((r for r in far if depth(r) == longest), key=lambda r: r.name)
+    chosen = map_far_cells(reader, model, "topk")
     chosen += [r for r in (reader.load(p, "topk") for p in extra)
                if r.model == model and r.path not in {c.path for c in chosen}]
     if not chosen:
@@ -181,6 +174,18 @@ def d3_records(reader: Reader, model: str, extra: list[Path] = ()) -> list[Loade
         print(f"D3: missing: no F->R top-k record matches {pattern}  (run: {COMMANDS['D3'].format(model=model)}; "
               f"it runs the pairs the regime map's cells included: {D3_NEEDS.format(model=model)})")
     return chosen
+
+
+def map_far_cells(reader: Reader, model: str, probe: str) -> list[Loaded]:
+    """The regime map's F->R cells of `model` at the longest filler distance D present among them
+    (<probe>/<model>/diverse_all-map-*.json), sorted by name; [] when there is none."""
+    index = load_index(reader.results, probe=probe, model=model, scenario=MAP_SCENARIO) \
+        if (reader.results / probe / model).is_dir() else pd.DataFrame()
+    found = [reader.load(Path(p), probe) for p, t in zip(index.get("path", []), index.get("tag", []))
+             if isinstance(t, str) and t.startswith(MAP_PREFIX)]
+    far = [r for r in found if r.regime == "F->R"]
+    longest = max((_n_filler(r.rec) for r in far), default=None)
+    return sorted((r for r in far if _n_filler(r.rec) == longest), key=lambda r: r.name)
 
 
 def _n_filler(rec: dict) -> int:
@@ -433,7 +438,16 @@ def d3_rows(reader: Reader, models: list[str], extra: list[Path] = ()) -> list[d
     """tab:deepmech D3 (paper_spec §3.12, §7.3 (iii)) from each model's D3 top-k records (`d3_records`)."""
     paper = {("in", "8"): "d3_top8", ("uniform", "8"): "d3_rand8", ("in", "16"): "d3_top16",
              ("uniform", "16"): "d3_rand16"}
-    return [r for m in models for src in d3_records(reader, m, extra) for r in topk_rows(src, "D3", paper=paper)]
+    rows = []
+    for m in models:
+        found = d3_records(reader, m, extra)
+        rows += [r for src in found for r in topk_rows(src, "D3", paper=paper)]
+        if not found:   # a model that follows no F->R rule: the map's locality cells say so, and D3 cannot run
+            rows += [{**summary_row(cell, "D3", "top-8 recovery, cross-fitted (ranked on the other domains)",
+                                    "field_only_recovery"), "value": None, "ci_lo": None, "ci_hi": None,
+                      "note": f"{none_included(cell)}: the map's locality cell; no top-k run"}
+                     for cell in map_far_cells(reader, m, "locality") if none_included(cell)]
+    return rows
 
 
 D4_KS = ("1", "4", "8", "32")   # the dose points of tab:deepmech (iv)

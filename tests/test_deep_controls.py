@@ -412,3 +412,24 @@ def test_a_record_that_includes_no_pair_says_the_control_is_untestable_there(res
     kept = dc.summary_row(dc.Reader(results).load(src, "locality"), "D6", "field-only", "field_only_recovery",
                           note="x")
     assert kept["note"] == "x" and not kept["note"].startswith("untestable")
+
+
+def test_d3_of_a_model_without_f_to_r_flips_is_a_row_saying_so(results, tmp_path, monkeypatch):
+    """A model with no F->R top-k record whose map locality cells include no pair gets D3 rows that say it cannot
+    be tested there (one per cell), not a silent absence."""
+    src = results / "locality" / MODEL / "family_c_field_first.json"
+    rec = json.loads(src.read_text())
+    rec["summary"] = {**rec["summary"], "n_included": 0, "n_excluded": rec["summary"]["n_gated"]}
+    path = tmp_path / "locality" / MODEL / "cell.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    reader = dc.Reader(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cell = reader.load(path, "locality")
+    monkeypatch.setattr(dc, "d3_records", lambda *a, **k: [])
+    monkeypatch.setattr(dc, "map_far_cells", lambda r, m, probe: [cell] if probe == "locality" else [])
+    rows = dc.d3_rows(reader, [MODEL])
+    assert len(rows) == 1 and rows[0]["control"] == "D3" and rows[0]["value"] is None
+    assert rows[0]["note"].startswith("untestable here: 0 of") and "no top-k run" in rows[0]["note"]
+    monkeypatch.setattr(dc, "map_far_cells", lambda r, m, probe: [reader.load(src, "locality")])
+    assert dc.d3_rows(reader, [MODEL]) == []
