@@ -324,6 +324,26 @@ TRIGGER_ROWS = {    # the same splices on trigger pairs (Family B, Family C's): 
     "full_downstream_recovery": ("full recovery (trigger + notes)", SANITY + ": = the oracle cache"),
 }
 TARGETS = ("conclusion", "field_value", "trigger")
+NEGATIVE_ROWS = {   # aggregate key -> quantity: the gated pairs' |delta m| beside the negative controls' (§1.3)
+    "gated_abs_delta_m": "|Δm| of the gated pairs (stale vs oracle; the effect the controls are set against)",
+    "control_abs_delta_m": "|Δm| of the negative controls (same-conclusion value swaps, an ungated field)",
+    "control_decision_change_rate": "decision change rate of the negative controls (should be ≈ 0; can fail)",
+}
+
+
+def negative_control_rows(src: Loaded, control: str) -> list[dict]:
+    """The negative controls of a locality record on trigger pairs (paper_spec §1.3: a value change that keeps the
+    conclusion, and a field the rule does not read) beside the gated pairs: |Δm| (logit-difference units) and the
+    rate at which the decision changes, each control kind's mean in the note."""
+    rows = []
+    for metric, quantity in NEGATIVE_ROWS.items():
+        row = summary_row(src, control, quantity, metric)
+        per = ((src.rec.get("aggregate") or {}).get(metric) or {}).get("per_scenario") or {}
+        if metric.startswith("control_") and isinstance(per, dict) and per:
+            row["note"] = "per kind: " + ", ".join(f"{k.removeprefix('control_')} {v['mean']:.2f} (n = {v['n']})"
+                                                  for k, v in sorted(per.items()))
+        rows.append(row)
+    return rows
 
 
 def d1_rows(reader: Reader, models: list[str]) -> list[dict]:
@@ -342,6 +362,7 @@ def d1_rows(reader: Reader, models: list[str]) -> list[dict]:
         if loc is not None:
             rows += [summary_row(loc, "D1", q, m, note=nt, paper=paper[m] if primary else None)
                      for m, (q, nt) in TRIGGER_ROWS.items()]
+            rows += negative_control_rows(loc, "D1")
         dec = reader.get("decodability", model, TRIGGER, tag, cmd, who)
         if dec is None:
             continue
