@@ -296,9 +296,23 @@ def summary_row(src: Loaded, control: str, quantity: str, metric: str, key: str 
 
     return {"control": control, "quantity": quantity, "model": src.model, "regime": src.regime or "n/a",
             "record_name": src.name, "value": s.get(value), "ci_lo": field(lo), "ci_hi": field(hi), "n": field(n),
-            "G": field(g), "p_value": field(p), "note": untestable if s.get(value) is None and untestable else note,
+            "G": field(g), "p_value": field(p),
+            "note": untestable if s.get(value) is None and untestable else caveats(note, s),
             "source_metric": metric, "source_key": key,
             "value_field": value, "record": repo_relative(src.path), "paper_key": paper}
+
+
+def caveats(note: str, s: dict) -> str:
+    """`note` with what a reader of one summary node must know: a random-draw null's resolution (B null means, each
+    of one draw per pair from n_draws per pair) and the record's small-G warning (fewer than 5 clusters)."""
+    extra = []
+    if s.get("n_draws") and s.get("B"):
+        extra.append(f"B = {int(s['B'])} null means, one draw per pair from {int(s['n_draws'])} per pair")
+        if s.get("lo") is not None and s.get("lo") == s.get("hi"):
+            extra.append("degenerate null (no spread: every draw is the same set): this row tests nothing")
+    if s.get("warning") and "fewer than 5" in str(s["warning"]):
+        extra.append(f"G = {s.get('n_clusters')} < 5 clusters: interval coverage not guaranteed")
+    return "; ".join([note, *extra] if note else extra)
 
 
 def none_included(src: Loaded) -> str | None:
@@ -375,6 +389,7 @@ def d1_rows(reader: Reader, models: list[str]) -> list[dict]:
             best = node(dec.agg, "best_layer", f"decision/{target}")
             row["note"] = (f"best layer {best['layer']} (depth {best['depth']:.2f}), chosen in-sample: descriptive"
                            if best else not_probed.get(target) or row["note"])
+            row.update(probe_null(dec, "decision", target, row["note"]))
             rows.append(row)
         for other in ("trigger", "field_value"):
             base, words = f"decision/{other}", other.replace("_", " ")
@@ -388,6 +403,35 @@ def d1_rows(reader: Reader, models: list[str]) -> list[dict]:
     return rows
 
 
+ANCHOR_LABELS = {   # decodability's anchors (probes/decodability.py) as the tables and figures name them
+    "field_line_end": "changed line's end (field_line_end: on trigger pairs the rule line holding the trigger)",
+    "downstream_mean": "downstream mean",
+    "pre_decision": "token before the decision",
+    "decision": "decision token",
+}
+
+
+def anchor_label(anchor: str, short: bool = False) -> str:
+    """An anchor's name for a table row (short: for a figure tick): field_line_end is the end of the changing
+    span's line, which on trigger pairs is the rule line, not the field's."""
+    label = ANCHOR_LABELS.get(anchor, anchor.replace("_", " "))
+    return label.split(" (")[0] if short else f"{label} anchor"
+
+
+def probe_null(dec: Loaded, anchor: str, target: str, note: str) -> dict:
+    """The p-value and note of a best-layer probe accuracy against its permutation null (decodability's
+    best_layer/<anchor>/<target>/null: the maximum over layers of the LOSO accuracy with the labels permuted within
+    scenario, so the in-sample choice of layer is inside the test); {} when the record has no null."""
+    null = (((dec.rec.get("aggregate") or {}).get("best_layer") or {}).get(anchor) or {}).get(target, {}).get("null")
+    if not null or null.get("p_value") is None:
+        return {}
+    verdict = "" if null["p_value"] < 0.05 else "; NOT above chance (p >= 0.05)"
+    return {"p_value": null["p_value"],
+            "note": f"{note}; test: the max over layers {','.join(map(str, null['layers']))} = "
+                    f"{null['observed']:.2f} vs {null['n_perm']} label permutations within scenario (mean "
+                    f"{null['mean']:.2f}, 95th pct {null['p95']:.2f}){verdict}"}
+
+
 def timing_rows(dec: Loaded, control: str, paper: dict, anchors=None) -> list[dict]:
     """The write depth per anchor (first layer whose LOSO conclusion accuracy reaches the record's threshold; all
     anchors, or `anchors`) and the logit-lens commit depth at the decision token with the arms that commit and that
@@ -397,14 +441,15 @@ def timing_rows(dec: Loaded, control: str, paper: dict, anchors=None) -> list[di
     n, g = ("n_samples", "", "value"), ("n_scenarios", "", "value")
     for anchor in anchors or keys_under(dec.agg, "write_depth"):
         w = node(dec.agg, "write_depth", anchor) or {}
-        row = summary_row(dec, control, f"write depth, {anchor} anchor (LOSO conclusion accuracy >= "
+        row = summary_row(dec, control, f"write depth, {anchor_label(anchor)} (LOSO conclusion accuracy >= "
                           f"{w.get('threshold')})", "write_depth", anchor, value="depth", lo=None, hi=None, n=n, g=g,
                           paper=paper.get("write") if anchor == "decision" else None)
         if w:
             row["note"] = ("never reaches the threshold at this anchor" if w.get("depth") is None
                            else f"layer {w['layer']}, accuracy {w['accuracy']:.2f}")
         if row["paper_key"]:
-            row["note"] += "; the paper's threshold is in its label"
+            row["note"] += (f"; ours: the first layer at >= {w.get('threshold')}, the paper's: where its probe "
+                            f"reaches 0.99 (figures/paper_numbers.yaml)")
         rows.append(row)
     arms = {"lo": None, "hi": None, "n": "n_arms", "g": ("commit", "included/rate", "n_clusters")}
     return rows + [
@@ -485,7 +530,8 @@ def injection_rows(src: Loaded, control: str, paper: dict, ks=D4_KS) -> list[dic
                         note=SANITY + ": = 1 - the mirrored field-only recovery", paper=paper.get("full")),
             summary_row(src, control, "full injection flip rate", "full", "both/flip_rate", paper=paper.get("flip")),
             summary_row(src, control, "full injection follow rate", "full", "both/follows_injected_rate",
-                        paper=paper.get("follow"))]
+                        paper=paper.get("follow"), note="with a two-way readout the same event as a flip: not "
+                                                        "separate evidence")]
     for k in ks:
         rows += [summary_row(src, control, f"dose k = {k}, cross-fitted top-k", "dose", f"both/topk_cf/k/{k}/recovery",
                              note="primary"),
@@ -545,11 +591,12 @@ def d6_rows(reader: Reader, models: list[str]) -> list[dict]:
     rows, who = [], "tab_xfamily"
     for model in models:
         cmd = COMMANDS["D6"].format(model=model)
-        for scenario in XFAMILY:
+        for scenario in XFAMILY:   # the paper's numbers beside its own order only (family_c: the rule first)
             src = reader.get("locality", model, scenario, None, cmd, who)
             if src is not None:
                 rows += locality_rows(src, "D6", LOCALITY_ROWS, {"field_only_recovery": "field_only",
-                                                                 "full_downstream_recovery": "full"})
+                                                                 "full_downstream_recovery": "full"}
+                                      if scenario == XFAMILY_EXTRA else {})
         src = reader.get("locality", model, XFAMILY_TRIGGER, None, cmd, who)
         if src is not None:
             rows += locality_rows(src, "D6", TRIGGER_ROWS, {"field_only_recovery": "trigger_only",
@@ -558,7 +605,8 @@ def d6_rows(reader: Reader, models: list[str]) -> list[dict]:
             extra = COMMANDS["D6 S, I"].format(model=model, scenario=scenario)
             for probe, command in (("topk", extra), ("injection", extra),
                                    ("decodability", run_command("decodability", model, scenario))):
-                if scenario == XFAMILY_EXTRA or record_path(reader.results, probe, model, scenario).is_file():
+                expected = scenario == (XFAMILY_TRIGGER if probe == "decodability" else XFAMILY_EXTRA)
+                if expected or record_path(reader.results, probe, model, scenario).is_file():
                     src = reader.get(probe, model, scenario, None, command, who)   # reports family_c's if missing
                     if src is not None:
                         rows += XFAMILY_PROBE_ROWS[probe](src)
@@ -576,9 +624,11 @@ XFAMILY_PROBE_ROWS = {   # probe -> the tab:xfamily rows of one record of it
 
 UNMATCHED = {   # paper rows no record of ours can match, and why
     "d2_write_depth_lets_check": "the paper's aggregator anchor (end of 'before acting.'); our records' anchors are "
-                                 "field_line_end, downstream_mean, pre_decision and decision",
+                                 "the changed line's end, the downstream mean, the token before the decision and the "
+                                 "decision token",
     "d2_write_depth_task_hdr": "the paper's aggregator anchor (end of 'Next action:'); our records' anchors are "
-                               "field_line_end, downstream_mean, pre_decision and decision",
+                               "the changed line's end, the downstream mean, the token before the decision and the "
+                               "decision token",
 }
 
 
@@ -782,7 +832,7 @@ def _draw_probes(ax, table: pd.DataFrame) -> None:
                     ha="center", rotation=90)
     ax.axhline(0.5, color=INK, lw=0.7, ls=":")
     ax.set_xticks(range(len(anchors)))
-    ax.set_xticklabels([a.replace("_", " ") for a in anchors], fontsize=6.5)
+    ax.set_xticklabels([anchor_label(a, short=True) for a in anchors], fontsize=6.5)
     ax.set_ylim(0, 1.25)
     ax.set_ylabel("LOSO accuracy, best layer")
     ax.legend(fontsize=5.5, loc="upper left", ncol=2)
@@ -890,10 +940,10 @@ def fig_d2(reader: Reader, out: Path, models: list[str]) -> Path | None:
             anchor = r["series"].split(", ", 1)[1]
             if r["depth"] is None:
                 ax.plot([], [], color=WONG["blue"], ls=anchor_style.get(anchor, "-"), lw=1,
-                        label=f"write depth, {anchor}: never >= threshold")
+                        label=f"write depth, {anchor_label(anchor, short=True)}: never >= threshold")
             else:
                 ax.axvline(r["depth"], color=WONG["blue"], ls=anchor_style.get(anchor, "-"), lw=1,
-                           label=f"write depth, {anchor} ({r['depth']:.2f})")
+                           label=f"write depth, {anchor_label(anchor, short=True)} ({r['depth']:.2f})")
         for r in rows_of(table[table["series"].str.startswith("commit depth")]):
             if r["depth_lo"] is not None:
                 ax.axvspan(r["depth_lo"], r["depth_hi"], color=WONG["orange"], alpha=0.15, lw=0)
