@@ -41,6 +41,7 @@ RecordError (the command line exits with its message).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,15 @@ class Reader:
             print(f"{who}: missing {path}  (run: {command})")
             return None
         return self.load(path, probe)
+
+    def testable(self, probe: str, model: str, scenario: str, tag: str | None, command: str, who: str) -> Loaded | None:
+        """`get`, but None (after saying so) also for a record in which no gated pair is included: a figure has
+        nothing of it to draw, and the tables carry its `none_included` row."""
+        src = self.get(probe, model, scenario, tag, command, who)
+        if src is not None and none_included(src):
+            print(f"{who}: {src.path} left out: {none_included(src)}")
+            return None
+        return src
 
     @property
     def loaded(self) -> list[Loaded]:
@@ -374,32 +384,57 @@ def d1_rows(reader: Reader, models: list[str]) -> list[dict]:
         primary = tag is None                                  # paper columns: F->R only
         loc = reader.get("locality", model, TRIGGER, tag, cmd, who)
         if loc is not None:
-            rows += [summary_row(loc, "D1", q, m, note=nt, paper=paper[m] if primary else None)
-                     for m, (q, nt) in TRIGGER_ROWS.items()]
+            rows += locality_rows(loc, "D1", TRIGGER_ROWS, paper if primary else {})
             rows += negative_control_rows(loc, "D1")
         dec = reader.get("decodability", model, TRIGGER, tag, cmd, who)
-        if dec is None:
-            continue
-        g = ("n_scenarios", "", "value")
-        not_probed = node(dec.agg, "not_probed") or {}
-        for target, key in zip(TARGETS, ("d1_probe_conclusion", "d1_probe_field", None)):
-            row = summary_row(dec, "D1", f"LOSO {target.replace('_', ' ')} probe accuracy, decision anchor (n = arms)",
-                              "best_layer", f"decision/{target}", value="accuracy", g=g,
-                              paper=key if primary else None)
-            best = node(dec.agg, "best_layer", f"decision/{target}")
-            row["note"] = (f"best layer {best['layer']} (depth {best['depth']:.2f}), chosen in-sample: descriptive"
-                           if best else not_probed.get(target) or row["note"])
-            row.update(probe_null(dec, "decision", target, row["note"]))
-            rows.append(row)
-        for other in ("trigger", "field_value"):
-            base, words = f"decision/{other}", other.replace("_", " ")
-            count = summary_row(dec, "D1", f"samples on which a {words} reader gets the conclusion wrong (decision "
-                                f"anchor)", "dissociation", base, value="n_samples", lo=None, hi=None,
-                                n=("n_samples", "", "value"), g="n_scenarios")
-            count["note"] = (node(dec.agg, "dissociation", base) or {}).get("relation") or count["note"]
-            rows += [count, summary_row(dec, "D1", f"conclusion probe accuracy on those samples ({words})",
-                                        "dissociation", f"{base}/accuracy/conclusion",
-                                        note="held out (LOSO) at the probe's best layer")]
+        if dec is not None:
+            rows += d1_probe_rows(dec, "D1", primary)
+    return rows
+
+
+def one_row_if_untestable(what: str):
+    """Decorates a rows(src, control, ...) function: a record in which no gated pair is included gives one row
+    (`what`, no value, the `none_included` note) in place of a row per quantity, all of them empty."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def rows(src: Loaded, control: str, *args, **kwargs) -> list[dict]:
+            note = none_included(src)
+            if note is None:
+                return fn(src, control, *args, **kwargs)
+            return [{"control": control, "quantity": what, "model": src.model, "regime": src.regime or "n/a",
+                     "record_name": src.name, "value": None, "n": 0, "G": 0, "note": note,
+                     "source_metric": "summary", "source_key": "n_included", "value_field": "n_included",
+                     "record": repo_relative(src.path), "paper_key": None}]
+        return rows
+    return wrap
+
+
+@one_row_if_untestable("every probe accuracy and dissociation count (decodability)")
+def d1_probe_rows(dec: Loaded, control: str, primary: bool) -> list[dict]:
+    """D1's decodability rows: the best-layer LOSO accuracy of each target at the decision anchor with its
+    permutation test, and the samples on which a reader of the trigger or of the field value gets the conclusion
+    wrong with the conclusion probe's accuracy on them; paper keys only when `primary` (F->R)."""
+    rows = []
+    g = ("n_scenarios", "", "value")
+    not_probed = node(dec.agg, "not_probed") or {}
+    for target, key in zip(TARGETS, ("d1_probe_conclusion", "d1_probe_field", None)):
+        row = summary_row(dec, control, f"LOSO {target.replace('_', ' ')} probe accuracy, decision anchor (n = arms)",
+                          "best_layer", f"decision/{target}", value="accuracy", g=g,
+                          paper=key if primary else None)
+        best = node(dec.agg, "best_layer", f"decision/{target}")
+        row["note"] = (f"best layer {best['layer']} (depth {best['depth']:.2f}), chosen in-sample: descriptive"
+                       if best else not_probed.get(target) or row["note"])
+        row.update(probe_null(dec, "decision", target, row["note"]))
+        rows.append(row)
+    for other in ("trigger", "field_value"):
+        base, words = f"decision/{other}", other.replace("_", " ")
+        count = summary_row(dec, control, f"samples on which a {words} reader gets the conclusion wrong (decision "
+                            f"anchor)", "dissociation", base, value="n_samples", lo=None, hi=None,
+                            n=("n_samples", "", "value"), g="n_scenarios")
+        count["note"] = (node(dec.agg, "dissociation", base) or {}).get("relation") or count["note"]
+        rows += [count, summary_row(dec, control, f"conclusion probe accuracy on those samples ({words})",
+                                    "dissociation", f"{base}/accuracy/conclusion",
+                                    note="held out (LOSO) at the probe's best layer")]
     return rows
 
 
@@ -432,6 +467,7 @@ def probe_null(dec: Loaded, anchor: str, target: str, note: str) -> dict:
                     f"{null['mean']:.2f}, 95th pct {null['p95']:.2f}){verdict}"}
 
 
+@one_row_if_untestable("every write / commit depth (decodability)")
 def timing_rows(dec: Loaded, control: str, paper: dict, anchors=None) -> list[dict]:
     """The write depth per anchor (first layer whose LOSO conclusion accuracy reaches the record's threshold; all
     anchors, or `anchors`) and the logit-lens commit depth at the decision token with the arms that commit and that
@@ -471,12 +507,31 @@ def d2_rows(reader: Reader, models: list[str]) -> list[dict]:
         dec = reader.get("decodability", model, TRIGGER, None, COMMANDS["D1"].format(model=model), "tab_deepmech D2")
         if dec is not None:
             rows += timing_rows(dec, "D2", paper)
+        lay = reader.get("layers", model, TRIGGER, TIMING_TAG, COMMANDS["D2"].format(model=model), "tab_deepmech D2")
+        if lay is not None:
+            rows += causal_timing_rows(lay, "D2")
     return rows
+
+
+@one_row_if_untestable("notes spliced by layer, upto / from (layers)")
+def causal_timing_rows(lay: Loaded, control: str) -> list[dict]:
+    """D2's causal test (paper_spec §3.11, §8 W13) from a layers record with positions=downstream: the recovery
+    when only the notes [b, dpos) are spliced in blocks <= l (upto) and in blocks >= l (from), at l = 0, L/4, L/2,
+    3L/4 and L - 1 of L blocks. Notes written early and read late show upto rising only at late l while from stays
+    high until late l; upto[L - 1] = from[0] = locality's notes-only splice."""
+    n_layers = lay.info.get("n_layers") or (lay.rec.get("summary") or {}).get("n_layers")
+    if not n_layers:
+        return [summary_row(lay, control, "notes spliced by layer", "upto_by_layer", "0")]   # says it is absent
+    layers = sorted({0, n_layers // 4, n_layers // 2, (3 * n_layers) // 4, n_layers - 1})
+    return [summary_row(lay, control, f"notes spliced in blocks {op} {li} (depth {li / n_layers:.2f}): recovery",
+                        curve, str(li)) for curve, op in (("upto_by_layer", "<="), ("from_by_layer", ">="))
+            for li in layers]
 
 
 D3_KS = ("8", "16")   # the k of tab:deepmech (iii)
 
 
+@one_row_if_untestable("every top-k quantity (topk)")
 def topk_rows(src: Loaded, control: str, ks=D3_KS, paper: dict | None = None) -> list[dict]:
     """Top-k rows of one topk record (paper_spec §3.12, §8 W8, W9): cross-fitted top-k (primary), in-sample top-k
     (the paper's ranking), the uniform random-k null (the paper's kind of null) and the matched one (median and 95 %
@@ -520,6 +575,7 @@ D4_KS = ("1", "4", "8", "32")   # the dose points of tab:deepmech (iv)
 DONORS = {"instance": "another instance of the same domain", "domain": "another domain"}
 
 
+@one_row_if_untestable("every injection quantity (injection)")
 def injection_rows(src: Loaded, control: str, paper: dict, ks=D4_KS) -> list[dict]:
     """Rows of one injection record (paper_spec §3.13, §8 W7, W8), both directions pooled (n counts each pair
     twice): full same-pair injection (sanity: = 1 - the mirrored field-only recovery), its flip and follow rates,
@@ -563,6 +619,7 @@ def d4_rows(reader: Reader, models: list[str]) -> list[dict]:
     return rows
 
 
+@one_row_if_untestable("every splice recovery (locality)")
 def locality_rows(src: Loaded, control: str, quantities: dict, paper: dict) -> list[dict]:
     """The field-only / downstream-only / full rows of one locality record (`quantities`: aggregate key ->
     (quantity, note)); `paper` maps aggregate keys to paper keys."""
@@ -845,8 +902,8 @@ def fig_d1(reader: Reader, out: Path, models: list[str]) -> Path | None:
     stem, rows, panels = "fig_d1_dissociation", [], []
     for model in models:
         cmd = COMMANDS["D1"].format(model=model)
-        loc = reader.get("locality", model, TRIGGER, None, cmd, stem)
-        dec = reader.get("decodability", model, TRIGGER, None, cmd, stem)
+        loc = reader.testable("locality", model, TRIGGER, None, cmd, stem)
+        dec = reader.testable("decodability", model, TRIGGER, None, cmd, stem)
         if loc is None and dec is None:
             continue
         splices = None
@@ -917,8 +974,8 @@ def fig_d2(reader: Reader, out: Path, models: list[str]) -> Path | None:
     diverse_trigger) on one depth axis. None (skipped, with a message) when no model has either record."""
     stem, tables = "fig_d2_timing", []
     for model in models:
-        lay = reader.get("layers", model, TRIGGER, TIMING_TAG, COMMANDS["D2"].format(model=model), stem)
-        dec = reader.get("decodability", model, TRIGGER, None, COMMANDS["D1"].format(model=model), stem)
+        lay = reader.testable("layers", model, TRIGGER, TIMING_TAG, COMMANDS["D2"].format(model=model), stem)
+        dec = reader.testable("decodability", model, TRIGGER, None, COMMANDS["D1"].format(model=model), stem)
         if lay is not None or dec is not None:
             tables.append(d2_table(model, lay, dec))
     if not tables:
@@ -1050,7 +1107,7 @@ def fig_d4(reader: Reader, out: Path, models: list[str]) -> Path | None:
     by donor kind. None (skipped, with a message) when no model has an injection record."""
     stem, tables = "fig_d4_injection", []
     for model in models:
-        src = reader.get("injection", model, INJECT, None, COMMANDS["D4"].format(model=model), stem)
+        src = reader.testable("injection", model, INJECT, None, COMMANDS["D4"].format(model=model), stem)
         if src is not None:
             tables.append(d4_table(src))
     if not tables:

@@ -408,6 +408,11 @@ def test_a_record_that_includes_no_pair_says_the_control_is_untestable_there(res
         loaded = dc.Reader(tmp_path).load(path, "locality")
     row = dc.summary_row(loaded, "D6", "field-only", "field_only_recovery")
     assert row["value"] is None and row["n"] == 0
+    (one,) = dc.locality_rows(loaded, "D6", dc.LOCALITY_ROWS, {})      # one row, not one empty row per quantity
+    assert one["value"] is None and one["note"] == row["note"] and one["record"] == str(path)
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        assert dc.Reader(tmp_path).testable("locality", MODEL, src.stem, None, "cmd", "fig") is None
+    assert "left out: untestable here" in said.getvalue()
     assert row["note"].startswith(f"untestable here: 0 of {n_gated} gated pairs pass the inclusion rule")
     kept = dc.summary_row(dc.Reader(results).load(src, "locality"), "D6", "field-only", "field_only_recovery",
                           note="x")
