@@ -131,6 +131,15 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                                            **boot)
     agg["control_decision_change_rate"] = summarize_proportion(
         [r["dec_stale"] != r["dec_oracle"] for r in controls], [r["scenario"] for r in controls])
+    # per control kind (a same-conclusion value swap, a field the rule does not read: §1.3), clustered by the domain
+    # the control was generated in, so that G counts domains, not the two kinds
+    agg["control_by_kind"] = {}
+    for kind in sorted({r["scenario"] for r in controls}):
+        rows = [r for r in controls if r["scenario"] == kind]
+        domains = [(r["variant"] if isinstance(r.get("variant"), dict) else {}).get("domain", kind) for r in rows]
+        agg["control_by_kind"][kind] = {
+            "abs_delta_m": summarize([abs(r["delta_m"]) for r in rows], domains, **boot),
+            "decision_change_rate": summarize_proportion([r["dec_stale"] != r["dec_oracle"] for r in rows], domains)}
     if gated and not included:
         finding = (f"no gated pair passes the inclusion rule: the decision does not follow the field on this "
                    f"scenario family ({agg['flip_rate']['k']}/{len(gated)} pairs change decision at all); "

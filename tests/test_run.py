@@ -74,6 +74,14 @@ def test_record_schema_and_invariants(tmp_path, model):
     for metric in ("field_only_recovery", "full_downstream_recovery", "flip_rate", "correct_flip_rate",
                    "inclusion_rate", "control_abs_delta_m"):
         assert {"mean", "ci", "ci_method", "n", "n_clusters", "per_scenario"} <= set(rec["aggregate"][metric])
+    # the negative controls per kind, clustered by the domain each was generated in (not by kind)
+    by_kind = rec["aggregate"]["control_by_kind"]
+    assert set(by_kind) == {r["scenario"] for r in rec["controls"]}
+    for kind, agg in by_kind.items():
+        rows = [r for r in rec["controls"] if r["scenario"] == kind]
+        assert agg["abs_delta_m"]["n"] == agg["decision_change_rate"]["n"] == len(rows)
+        assert agg["abs_delta_m"]["mean"] == pytest.approx(sum(abs(r["delta_m"]) for r in rows) / len(rows))
+        assert set(agg["abs_delta_m"]["per_scenario"]) == {r["variant"].get("domain", kind) for r in rows}
     # sanity checks on every instance of the run: the full splice is the oracle, decode equals the full forward
     assert rec["sanity"]["full_equals_oracle_max_abs"] < 1e-4
     assert rec["sanity"]["decode_vs_forward_max_abs"] < 1e-4
