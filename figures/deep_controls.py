@@ -334,7 +334,7 @@ def none_included(src: Loaded) -> str | None:
     rule = (src.rec.get("readout") or {}).get("exclusion_rule") or {}
     tau = rule.get("min_abs_delta_m")
     return (f"untestable here: 0 of {summary['n_gated']} gated pairs pass the inclusion rule (decision flips"
-            + (f", correctly, |Δm| ≥ {tau:g}" if tau is not None else "") + ")")
+            + (f", correctly, abs. Δm ≥ {tau:g}" if tau is not None else "") + ")")
 
 
 LOCALITY_ROWS = {   # aggregate key -> (quantity, note) for the primary (field-change) pairs
@@ -356,20 +356,20 @@ CONTROL_KINDS = {   # locality's control scenarios (§1.3) as the tables name th
 
 def negative_control_rows(src: Loaded, control: str) -> list[dict]:
     """The negative controls of a locality record on trigger pairs (paper_spec §1.3: a value change that keeps the
-    conclusion, and a field the rule does not read) beside the gated pairs: |Δm| (logit-difference units) and the
+    conclusion, and a field the rule does not read) beside the gated pairs: abs. Δm (logit-difference units) and the
     rate at which the decision changes, per control kind clustered by domain (the record's control_by_kind; an
     older record has only the pooled control aggregates, clustered by kind, which are shown with a note)."""
-    rows = [summary_row(src, control, "|Δm| of the gated pairs (stale vs oracle: the effect the controls are set "
+    rows = [summary_row(src, control, "abs. Δm of the gated pairs (stale vs oracle: the effect the controls are set "
                                       "against)", "gated_abs_delta_m")]
     kinds = (src.rec.get("aggregate") or {}).get("control_by_kind")
     if kinds is None:
         old = "pooled over the control kinds (G = kinds); re-analyse the record for per-kind rows clustered by domain"
-        return rows + [summary_row(src, control, "|Δm| of the negative controls", "control_abs_delta_m", note=old),
+        return rows + [summary_row(src, control, "abs. Δm of the negative controls", "control_abs_delta_m", note=old),
                        summary_row(src, control, "decision change rate of the negative controls",
                                    "control_decision_change_rate", note=old)]
     for kind in kinds:
         words = CONTROL_KINDS.get(kind, kind)
-        rows += [summary_row(src, control, f"|Δm| of the negative controls: {words}", "control_by_kind",
+        rows += [summary_row(src, control, f"abs. Δm of the negative controls: {words}", "control_by_kind",
                              f"{kind}/abs_delta_m"),
                  summary_row(src, control, f"decision change rate of the negative controls: {words} (≈ 0 expected; "
                                            f"can fail)", "control_by_kind", f"{kind}/decision_change_rate")]
