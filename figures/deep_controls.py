@@ -535,13 +535,15 @@ def causal_timing_rows(lay: Loaded, control: str) -> list[dict]:
 
 
 D3_KS = ("8", "16")   # the k of tab:deepmech (iii)
+D3_FRACS = ("0.02", "0.05")   # k as a share of each pair's downstream (probes/topk.py TOPK_FRACS)
 
 
 @one_row_if_untestable("every top-k quantity (topk)")
-def topk_rows(src: Loaded, control: str, ks=D3_KS, paper: dict | None = None) -> list[dict]:
+def topk_rows(src: Loaded, control: str, ks=D3_KS, paper: dict | None = None, fracs=()) -> list[dict]:
     """Top-k rows of one topk record (paper_spec §3.12, §8 W8, W9): cross-fitted top-k (primary), in-sample top-k
     (the paper's ranking), the uniform random-k null (the paper's kind of null) and the matched one (median and 95 %
-    band; p = P(null >= cross-fitted top-k)), and the downstream length. `paper` maps (kind, k) to paper keys."""
+    band; p = P(null >= cross-fitted top-k)), and the downstream length; then the same with k the share f of each
+    pair's downstream for f in `fracs` (topk_*_frac). `paper` maps (kind, k) to paper keys."""
     paper = paper or {}
     rows = [summary_row(src, control, "downstream tokens (mean)", "n_down")]
     for k in ks:
@@ -558,6 +560,19 @@ def topk_rows(src: Loaded, control: str, ks=D3_KS, paper: dict | None = None) ->
                              value="median", lo="lo", hi="hi", g=g, p="p_topk_cf_ge_null",
                              note="matched on the fine-label mix; p: null >= cross-fitted top-k",
                              paper=paper.get(("matched", k)))]
+    if not fracs:
+        return rows
+    if "topk_cf_frac" not in (src.rec.get("aggregate") or {}):
+        return rows + [{**summary_row(src, control, "top-k as a share of the downstream", "topk_cf_frac"),
+                        "note": "not in this record (made before probes/topk.py measured shares): re-run it"}]
+    for f in fracs:
+        share = f"{float(f):.0%} of the downstream"
+        g = ("topk_in_frac", f, "n_clusters")
+        rows += [summary_row(src, control, f"top {share}, cross-fitted", "topk_cf_frac", f, note="primary"),
+                 summary_row(src, control, f"top {share}, ranked in-sample", "topk_in_frac", f),
+                 summary_row(src, control, f"random {share}, matched null (median, 95 % band)", "null_matched_frac",
+                             f, value="median", lo="lo", hi="hi", g=g, p="p_topk_cf_ge_null",
+                             note="matched on the fine-label mix; p: null >= cross-fitted top share")]
     return rows
 
 
@@ -568,7 +583,7 @@ def d3_rows(reader: Reader, models: list[str], extra: list[Path] = ()) -> list[d
     rows = []
     for m in models:
         found = d3_records(reader, m, extra)
-        rows += [r for src in found for r in topk_rows(src, "D3", paper=paper)]
+        rows += [r for src in found for r in topk_rows(src, "D3", paper=paper, fracs=D3_FRACS)]
         if not found:   # a model that follows no F->R rule: the map's locality cells say so, and D3 cannot run
             rows += [{**summary_row(cell, "D3", "top-8 recovery, cross-fitted (ranked on the other domains)",
                                     "field_only_recovery"), "value": None, "ci_lo": None, "ci_hi": None,
@@ -752,12 +767,20 @@ def tex_view(table: pd.DataFrame) -> pd.DataFrame:
     return view
 
 
+LATEX_SYMBOLS = [("->", r"$\to$"), (">=", r"$\geq$"), ("<=", r"$\leq$"), ("≥", r"$\geq$"), ("≤", r"$\leq$"),
+                 ("≈", r"$\approx$"), ("Δ", r"$\Delta$"), (" < ", " $<$ "), (" > ", " $>$ ")]   # OT1-safe text
+
+
 def write_tex(out: Path, stem: str, table: pd.DataFrame) -> Path:
     """`<stem>.tex` (a LaTeX tabular via pandas) of `tex_view(table)`."""
     path = Path(out) / f"{stem}.tex"
     view = tex_view(table).astype(object)
-    path.write_text(view.where(view.notna(), None).to_latex(index=False, na_rep="", escape=True,
-                                                            float_format="%.3f"))
+    wide = {"quantity": "p{5cm}", "note": "p{5.5cm}", "record_name": "p{3cm}"}
+    text = view.where(view.notna(), None).to_latex(index=False, na_rep="", escape=True, float_format="%.3f",
+                                                   column_format="".join(wide.get(c, "l") for c in view.columns))
+    for plain, latex in LATEX_SYMBOLS:
+        text = text.replace(plain, latex)
+    path.write_text(text)
     print(f"wrote {path}")
     return path
 

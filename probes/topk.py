@@ -14,7 +14,10 @@ Two passes per pair (run.py calls `measure`, then, once every pair's first pass 
    * `topk_field`: the paper's P4 set, ranked over [a, dpos) including the field;
    * a matched random-k null for each k (default 200 draws): k downstream positions with the same fine-label mix as
      the in-sample top-k set, drawn uniformly within each label; and an unmatched uniform null;
-   * `suffix` / `prefix`: the last / first max(1, round(f (dpos - a))) positions of [a, dpos).
+   * `suffix` / `prefix`: the last / first max(1, round(f (dpos - a))) positions of [a, dpos);
+   * `topk_in_frac` / `topk_cf_frac` / `null_matched_frac`: the top-k sets and the matched null with k a fraction f
+     of the pair's downstream, k = max(1, round(f n_down)) for f in TOPK_FRACS (paper_spec §3.12: specificity at
+     a size that scales with the downstream, so pairs of different lengths are compared at equal shares).
 
 Nulls are drawn only for included pairs (the readout and inclusion rule are known at plan time), with a seeded
 generator per pair; duplicate draws are decoded once.
@@ -38,6 +41,12 @@ CONTRACT = ProbeSpec(
                      "suffix / prefix sets), nor the unspliced stale / oracle states")
 KS = (1, 2, 4, 8, 16, 32, 64, 128)
 FRACS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+TOPK_FRACS = (0.01, 0.02, 0.05, 0.1)   # top-k as a share of the downstream: the small shares specificity is about
+
+
+def frac_sizes(n_down: int) -> dict:
+    """{str(f): k} for f in TOPK_FRACS: k = max(1, round(f n_down)) downstream positions, capped at n_down."""
+    return {str(f): min(n_down, max(1, round(f * n_down))) for f in TOPK_FRACS}
 
 
 # -- pass 1: every single position --------------------------------------------------------------------------------
@@ -139,11 +148,14 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
             rec = dict(zip(raws[inst.id]["positions"], single[inst.id]))
             order_in = sorted(down, key=lambda p: (-rec[p], -p))
             order_field = sorted(range(a, dpos), key=lambda p: (-rec[p], -p))
+            sizes = plan["frac_sizes"] = frac_sizes(n_down)
             plan["topk_in"] = {str(k): sorted(order_in[:k]) for k in plan["ks"]}
+            plan["topk_in_frac"] = {f: sorted(order_in[:k]) for f, k in sizes.items()}
             plan["topk_field"] = {str(k): sorted(order_field[:k]) for k in KS}
             order_cf, used = cross_fitted_order(down, labels, by_scenario, inst.scenario)
             if order_cf is not None:
                 plan["topk_cf"] = {str(k): sorted(order_cf[:k]) for k in plan["ks"]}
+                plan["topk_cf_frac"] = {f: sorted(order_cf[:k]) for f, k in sizes.items()}
                 plan["cf_scenarios"] = used
             if include[inst.id]:
                 rng = random.Random(f"topk-null:{seed}:{inst.id}")
@@ -154,12 +166,16 @@ def plan_second(instances, pairs_info: dict, raws: dict, readouts: dict, exclusi
                 plan["null_uniform"] = {str(k): [list(d) for d in random_draws(rng, down, labels, order_in[:k],
                                                                          n_uniform if k < n_down else 1, False)]
                                         for k in KS}
+                plan["null_matched_frac"] = {f: [list(d) for d in random_draws(rng, down, labels, order_in[:k],
+                                                                          n_null if k < n_down else 1, True)]
+                                             for f, k in sizes.items()}
         plans[inst.id] = plan
     return plans
 
 
 # -- pass 2 -----------------------------------------------------------------------------------------------------------
-SET_KINDS = ("topk_in", "topk_cf", "topk_field", "suffix", "prefix")
+SET_KINDS = ("topk_in", "topk_cf", "topk_field", "suffix", "prefix", "topk_in_frac", "topk_cf_frac")
+NULL_KINDS = ("null_matched", "null_uniform", "null_matched_frac")
 
 
 def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 400) -> dict:
@@ -170,7 +186,7 @@ def measure_second(lm, pair, token_ids, plan: dict, batch_size: int = 400) -> di
     sets = []
     for kind in SET_KINDS:
         sets += [tuple(s) for s in plan.get(kind, {}).values()]
-    for kind in ("null_matched", "null_uniform"):
+    for kind in NULL_KINDS:
         sets += [tuple(d) for draws in plan.get(kind, {}).values() for d in draws]
     unique = sorted(set(sets))
     engine = SpliceEngine(lm.model, stale, oracle, last, chunk_size=batch_size)
@@ -211,7 +227,7 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
             for kind in SET_KINDS:
                 if kind in plan:
                     row[kind] = {k: of[tuple(s)] for k, s in plan[kind].items()}
-            for kind in ("null_matched", "null_uniform"):
+            for kind in NULL_KINDS:
                 if kind in plan:
                     row[kind] = {k: [of[tuple(d)] for d in draws] for k, draws in plan[kind].items()}
             if "topk_cf" in plan:
@@ -237,14 +253,19 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
     agg["suffix"] = curve("suffix", [str(f) for f in FRACS])
     agg["prefix"] = curve("prefix", [str(f) for f in FRACS])
     agg["n_down"] = summarize([r["plan"]["n_down"] for r in included], split.clusters, **boot)
+    f_keys = [str(f) for f in TOPK_FRACS]
+    agg["topk_in_frac"] = curve("topk_in_frac", f_keys)
+    agg["topk_cf_frac"] = curve("topk_cf_frac", f_keys)
     n_means = max(MIN_NULL_DRAWS, int(stats["n_boot"]))
-    for ni, kind in enumerate(("null_matched", "null_uniform")):
+    for ni, (kind, keys, sets) in enumerate((("null_matched", k_keys, ("topk_in", "topk_cf")),
+                                             ("null_uniform", k_keys, ("topk_in", "topk_cf")),
+                                             ("null_matched_frac", f_keys, ("topk_in_frac", "topk_cf_frac")))):
         agg[kind] = {}
-        for ki, k in enumerate(k_keys):
+        for ki, k in enumerate(keys):
             rows = [r for r in included if k in r.get(kind, {})]
             if rows:
                 agg[kind][k] = null_of_mean([r[kind][k] for r in rows],
-                                            {o: [r[o][k] for r in rows] for o in ("topk_in", "topk_cf")
+                                            {o.removesuffix("_frac"): [r[o][k] for r in rows] for o in sets
                                              if all(k in r.get(o, {}) for r in rows)},
                                             alpha=stats["alpha"], n_means=n_means, seed=[int(stats["seed"]), ni, ki])
     agg["jaccard_in_cf"] = {k: summarize([r["jaccard_in_cf"][k] for r in included if k in r.get("jaccard_in_cf", {})],
@@ -254,7 +275,8 @@ def analyse(instances, pairs_info: dict, raws: dict, readouts: dict, exclusion: 
                       "full splice (recovery 1 by construction)",
               "full_splice_recovery": [r["suffix"]["1.0"] for r in split.rows if "suffix" in r]}
     return {**split.parts(), "aggregate": agg, "sanity": sanity,
-            "summary": split.summary(split.unaggregated("curves"), ks=list(KS), fracs=list(FRACS))}
+            "summary": split.summary(split.unaggregated("curves"), ks=list(KS), fracs=list(FRACS),
+                                     topk_fracs=list(TOPK_FRACS))}
 
 
 def _jaccard(x, y) -> float:

@@ -80,6 +80,19 @@ def test_null_band_and_curves_cover_every_pair(record):
             assert nb["topk_in_mean"] == pytest.approx(agg["topk_in"][k]["mean"])
             assert nb["mean"] == pytest.approx(sum(nb["per_pair_mean"]) / n)
     assert agg["null_matched"]["8"]["n_draws"] == 20 and agg["null_uniform"]["8"]["n_draws"] == 10
+    # k as a share of the downstream: each pair's set has max(1, round(f n_down)) positions, its own ranking's
+    # top ones, and a matched null of that size with the p-values of both rankings
+    for f in map(str, topk.TOPK_FRACS):
+        assert agg["topk_in_frac"][f]["n"] == agg["topk_cf_frac"][f]["n"] == agg["null_matched_frac"][f]["n"] == n
+        assert {"p_topk_in_ge_null", "p_topk_cf_ge_null"} <= set(agg["null_matched_frac"][f])
+        for r in record["instances"]:
+            plan, k = r["plan"], r["plan"]["frac_sizes"][f]
+            assert k == min(plan["n_down"], max(1, round(float(f) * plan["n_down"])))
+            assert len(plan["topk_in_frac"][f]) == len(plan["topk_cf_frac"][f]) == k
+            single = {int(p): v for p, v in r["single"].items()}
+            rest = [p for p in range(r["tokens"]["span"][1], r["tokens"]["dpos"]) if p not in plan["topk_in_frac"][f]]
+            assert not rest or min(single[p] for p in plan["topk_in_frac"][f]) >= max(single[p] for p in rest)
+            assert len(r["null_matched_frac"][f]) == (20 if k < plan["n_down"] else 1)
     # the controls get no null draws
     assert all("null_matched" not in r for r in record["controls"])
 
