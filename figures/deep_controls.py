@@ -407,7 +407,8 @@ def one_row_if_untestable(what: str):
             note = none_included(src)
             if note is None:
                 return fn(src, control, *args, **kwargs)
-            return [{"control": control, "quantity": what, "model": src.model, "regime": src.regime or "n/a",
+            return [{"control": control, "quantity": f"{what}, {src.name}", "model": src.model,
+                     "regime": src.regime or "n/a",
                      "record_name": src.name, "value": None, "n": 0, "G": 0, "note": note,
                      "source_metric": "summary", "source_key": "n_included", "value_field": "n_included",
                      "record": repo_relative(src.path), "paper_key": None}]
