@@ -530,9 +530,25 @@ def causal_timing_rows(lay: Loaded, control: str) -> list[dict]:
     if not n_layers:
         return [summary_row(lay, control, "notes spliced by layer", "upto_by_layer", "0")]   # says it is absent
     layers = sorted({0, n_layers // 4, n_layers // 2, (3 * n_layers) // 4, n_layers - 1})
-    return [summary_row(lay, control, f"notes spliced in blocks {op} {li} (depth {li / n_layers:.2f}): recovery",
+    rows = [summary_row(lay, control, f"notes spliced in blocks {op} {li} (depth {li / n_layers:.2f}): recovery",
                         curve, str(li)) for curve, op in (("upto_by_layer", "<="), ("from_by_layer", ">="))
             for li in layers]
+    agg = lay.rec.get("aggregate") or {}
+    upto = [s.get("mean") for s in agg.get("upto_by_layer") or []]
+    frm = [s.get("mean") for s in agg.get("from_by_layer") or []]
+    if upto and frm and None not in upto + frm and upto[-1] > 0:
+        half = upto[-1] / 2      # half of the all-layer notes splice (upto[L - 1] = from[0])
+        rise = next(li for li, v in enumerate(upto) if v >= half)
+        fall = next((li for li, v in enumerate(frm) if v < half), n_layers)
+        n, g = agg["upto_by_layer"][rise]["n"], agg["upto_by_layer"][rise]["n_clusters"]
+        for quantity, li in ((f"first block l with upto[l] >= half the all-layer notes splice ({half:.2f})", rise),
+                             (f"first block l with from[l] < that half", fall)):
+            rows.append({"control": control, "quantity": quantity + " (depth of l)", "model": lay.model,
+                         "regime": lay.regime or "n/a", "record_name": lay.name, "value": li / n_layers,
+                         "n": n, "G": g, "note": f"block {li}; descriptive, read off the mean curves (no interval)",
+                         "source_metric": "upto_by_layer" if li == rise else "from_by_layer", "source_key": str(li),
+                         "value_field": "crossing", "record": repo_relative(lay.path), "paper_key": None})
+    return rows
 
 
 D3_KS = ("8", "16")   # the k of tab:deepmech (iii)

@@ -99,8 +99,8 @@ def _expected_n_g(row: dict) -> tuple:
         return s["n_arms"], _agg(path, "commit", "included/rate")["n_clusters"]
     if metric == "write_depth":
         return _agg(path, "n_samples", "")["value"], _agg(path, "n_scenarios", "")["value"]
-    if metric in ("null_uniform", "null_matched"):
-        return s["n"], _agg(path, "topk_in", key)["n_clusters"]
+    if metric in ("null_uniform", "null_matched", "null_matched_frac"):
+        return s["n"], _agg(path, "topk_in" + ("_frac" if metric.endswith("_frac") else ""), key)["n_clusters"]
     if metric == "dose" and "null_matched" in key:
         return s["n"], _agg(path, "dose", key.replace("null_matched", "topk_in") + "/recovery")["n_clusters"]
     return s["n"], s["n_clusters"]
@@ -118,8 +118,19 @@ def test_every_table_number_is_the_records_aggregate(made, stem):
         if r["value"] is None:        # a quantity the record does not have: said so, never a number
             assert r["note"], r
             continue
-        s = _agg(r["record"], r["source_metric"], r["source_key"] or "")
         field = r["value_field"]
+        if field == "crossing":       # D2's causal crossing: the first block where the mean curve crosses half
+            agg = json.loads(Path(r["record"]).read_text())["aggregate"]
+            curve, li = [x["mean"] for x in agg[r["source_metric"]]], int(r["source_key"])
+            half = agg["upto_by_layer"][-1]["mean"] / 2
+            assert _same(r["value"], li / len(curve)), r
+            before = curve[:li]
+            if r["source_metric"] == "upto_by_layer":
+                assert curve[li] >= half and all(v < half for v in before), r
+            else:
+                assert (li == len(curve) or curve[li] < half) and all(v >= half for v in before), r
+            continue
+        s = _agg(r["record"], r["source_metric"], r["source_key"] or "")
         assert _same(r["value"], s[field]), r
         lo, hi = {"mean": ("ci_lo", "ci_hi"), "accuracy": ("ci_lo", "ci_hi"),
                   "median": ("lo", "hi")}.get(field, (None, None))
@@ -216,7 +227,9 @@ def test_sanity_rows_are_labelled_and_only_they(made):
                 r["source_metric"] == "full" and r["source_key"] == "both/recovery")
             assert (dc.SANITY in (r["note"] or "")) == by_construction, r
         assert sum(dc.SANITY in (r["note"] or "") for r in rows) >= 2
-        assert dc.SANITY in (out / f"{stem}.tex").read_text()
+        tex = (out / f"{stem}.tex").read_text()
+        assert dc.SANITY in tex
+        assert tex.isascii(), "the LaTeX table must compile under OT1: Δ, ≥, -> written as math"
 
 
 def test_the_regime_is_the_records_own_rule_order(made):
