@@ -1057,7 +1057,9 @@ def fig_d2(reader: Reader, out: Path, models: list[str]) -> Path | None:
         ax.set_xlabel("relative depth (block l's K/V read hidden_states[l])")
         ax.set_ylabel("recovery, notes [b, dpos) spliced")
         regimes = "/".join(sorted({x for x in table["regime"] if isinstance(x, str)}))
-        ax.set_title(f"D2 write before read, {model}, {regimes}", fontsize=8)
+        notes = rows_of(table[table["series"].str.startswith("notes spliced")])
+        size = f" (notes: n={notes[0]['n']} pairs, G={notes[0]['G']})" if notes else ""
+        ax.set_title(f"D2 write before read, {model}, {regimes}{size}", fontsize=8)
         ax.legend(fontsize=5.5, loc="best")
     write_table(out, stem, pd.concat(tables, ignore_index=True))
     return _save(fig, out, stem)
@@ -1182,7 +1184,7 @@ def fig_d4(reader: Reader, out: Path, models: list[str]) -> Path | None:
         for i, (r, color) in enumerate(zip(rows_of(donors), donor_colors)):
             x = 1.0 + 0.03 * (i - 1)
             ax_f.errorbar([x], [r["recovery"]], yerr=_yerr([r["recovery"]], [r["lo"]], [r["hi"]]),
-                          fmt="D", ms=3.5, color=color, capsize=1.5, label=r["series"])
+                          fmt="D", ms=3.5, color=color, capsize=1.5, label=f"{r['series']} (n={r['n']}, G={r['G']})")
         ax_k.set_xscale("log", base=2)
         ax_k.set_xlabel("positions injected (k)")
         ax_f.set_xlabel("fraction of the downstream injected")
