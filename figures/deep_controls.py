@@ -602,7 +602,7 @@ def d3_rows(reader: Reader, models: list[str], extra: list[Path] = ()) -> list[d
         found = d3_records(reader, m, extra)
         rows += [r for src in found for r in topk_rows(src, "D3", paper=paper, fracs=D3_FRACS)]
         if not found:   # a model that follows no F->R rule: the map's locality cells say so, and D3 cannot run
-            rows += [{**summary_row(cell, "D3", "top-8 recovery, cross-fitted (ranked on the other domains)",
+            rows += [{**summary_row(cell, "D3", f"every top-k quantity (no topk record), {cell.name}",
                                     "field_only_recovery"), "value": None, "ci_lo": None, "ci_hi": None,
                       "note": f"{none_included(cell)}: the map's locality cell; no top-k run"}
                      for cell in map_far_cells(reader, m, "locality") if none_included(cell)]

@@ -318,6 +318,11 @@ BLOCKS: dict[str, dict] = {
         "shows": "step 6, D6: the paper's cancel/deny family (Family C) on the 1.5B, beside the paper's numbers",
         "kind": "deep", "table": "xfamily", "models": ["qwen2.5-coder-1.5b"], "controls": ["D6"],
     },
+    "deep-qwen2.5-coder-0.5b": {
+        "shows": "step 6 on the 0.5B, which follows almost no F->R rule: D1-D5 say what they cannot test and why",
+        "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-0.5b"],
+        "controls": ["D1", "D2", "D3", "D4", "D5"],
+    },
     "circuit-heads-qwen2.5-coder-1.5b": {
         "shows": "step 7: read / write heads (paper_spec §4.1, §4.2), joint top-k ranked on held-out domains against "
                  "joint random-k nulls, 1.5B",
