@@ -35,7 +35,8 @@ import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from figures.fig3 import _save  # noqa: E402
-from figures.make_figures import DEFAULT_OUT, DEFAULT_RESULTS, STYLE, WONG, _parse_list, write_table  # noqa: E402
+from figures.make_figures import (DEFAULT_OUT, DEFAULT_RESULTS, STYLE, WONG, _parse_list,  # noqa: E402
+                                   latex_table, write_table)
 from kvnotes.records import load_aggregates, load_index  # noqa: E402
 
 PROBES = ("heads", "direction", "components", "scrub")
@@ -299,7 +300,7 @@ def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: li
                 print(f"{model}: no {probe} record (run: {COMMAND.format(model=model)} probe={probe})")
     tab = circuit_table(agg)
     write_table(out, "tab_circuit", tab)
-    (out / "tab_circuit.tex").write_text(tab.to_latex(index=False, float_format="%.3f", na_rep=""))
+    (out / "tab_circuit.tex").write_text(latex_table(tab))
     written.append(out / "tab_circuit.csv")
     index = load_index(Path(results))
     print(f"tab:circuit from {sum(index['probe'].isin(PROBES))} records")

@@ -56,8 +56,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from figures.fig3 import _band, _draw_topk, _save, keys_under, rows_of, topk_table  # noqa: E402
 from figures.make_figures import (DEFAULT_OUT, DEFAULT_RESULTS, INK, STYLE, WONG, _parse_list,  # noqa: E402
-                                  draw_locality_panel, load_locality_record, locality_legend, locality_y_range,
-                                  record_order, write_table)
+                                  draw_locality_panel, latex_table, load_locality_record, locality_legend,
+                                  locality_y_range, record_order, write_table)
 from kvnotes.records import (RecordError, load_aggregates, load_index, read_record, record_path,  # noqa: E402
                              plain_value, registered_models, repo_relative, run_command)
 
@@ -784,20 +784,12 @@ def tex_view(table: pd.DataFrame) -> pd.DataFrame:
     return view
 
 
-LATEX_SYMBOLS = [("->", r"$\to$"), (">=", r"$\geq$"), ("<=", r"$\leq$"), ("≥", r"$\geq$"), ("≤", r"$\leq$"),
-                 ("≈", r"$\approx$"), ("Δ", r"$\Delta$"), (" < ", " $<$ "), (" > ", " $>$ ")]   # OT1-safe text
-
-
 def write_tex(out: Path, stem: str, table: pd.DataFrame) -> Path:
     """`<stem>.tex` (a LaTeX tabular via pandas) of `tex_view(table)`."""
     path = Path(out) / f"{stem}.tex"
-    view = tex_view(table).astype(object)
+    view = tex_view(table)
     wide = {"quantity": "p{5cm}", "note": "p{5.5cm}", "record_name": "p{3cm}"}
-    text = view.where(view.notna(), None).to_latex(index=False, na_rep="", escape=True, float_format="%.3f",
-                                                   column_format="".join(wide.get(c, "l") for c in view.columns))
-    for plain, latex in LATEX_SYMBOLS:
-        text = text.replace(plain, latex)
-    path.write_text(text)
+    path.write_text(latex_table(view, "".join(wide.get(c, "l") for c in view.columns)))
     print(f"wrote {path}")
     return path
 

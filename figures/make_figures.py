@@ -96,6 +96,21 @@ def _md_cell(x) -> str:
     return "" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+LATEX_SYMBOLS = [("->", r"$\to$"), (">=", r"$\geq$"), ("<=", r"$\leq$"), ("≥", r"$\geq$"), ("≤", r"$\leq$"),
+                 ("≈", r"$\approx$"), ("Δ", r"$\Delta$"), (" < ", " $<$ "), (" > ", " $>$ ")]
+
+
+def latex_table(table, column_format: str | None = None) -> str:
+    """A LaTeX tabular of a DataFrame that compiles under the default OT1 fonts: text escaped (_ % & ...), gaps
+    empty, floats to 3 places, and the symbols our quantities use (->, >=, Δ, ≈, ...) written as math."""
+    table = table.astype(object)
+    text = table.where(table.notna(), None).to_latex(index=False, na_rep="", escape=True, float_format="%.3f",
+                                                     column_format=column_format)
+    for plain, latex in LATEX_SYMBOLS:
+        text = text.replace(plain, latex)
+    return text
+
+
 def write_table(out: Path, stem: str, table, header: list[str] | None = None) -> None:
     """`<stem>.csv` (every digit, CRLF rows as the csv module writes them) and `<stem>.md` (floats to 3 places) of a
     DataFrame; `header` renames the columns (it may repeat a name, e.g. lo/hi for two curves). Gaps print empty."""
