@@ -404,16 +404,18 @@ def one_row_if_untestable(what: str):
     def wrap(fn):
         @functools.wraps(fn)
         def rows(src: Loaded, control: str, *args, **kwargs) -> list[dict]:
-            note = none_included(src)
-            if note is None:
-                return fn(src, control, *args, **kwargs)
-            return [{"control": control, "quantity": f"{what}, {src.name}", "model": src.model,
-                     "regime": src.regime or "n/a",
-                     "record_name": src.name, "value": None, "n": 0, "G": 0, "note": note,
-                     "source_metric": "summary", "source_key": "n_included", "value_field": "n_included",
-                     "record": repo_relative(src.path), "paper_key": None}]
+            return [untestable_row(src, control, what)] if none_included(src) else fn(src, control, *args, **kwargs)
         return rows
     return wrap
+
+
+def untestable_row(src: Loaded, control: str, what: str) -> dict:
+    """The one row standing for `what` of a record (`src`) in which no gated pair is included: no value, n = G = 0,
+    the `none_included` note."""
+    return {"control": control, "quantity": f"{what}, {src.name}", "model": src.model, "regime": src.regime or "n/a",
+            "record_name": src.name, "value": None, "n": 0, "G": 0, "note": none_included(src),
+            "source_metric": "summary", "source_key": "n_included", "value_field": "n_included",
+            "record": repo_relative(src.path), "paper_key": None}
 
 
 @one_row_if_untestable("every probe accuracy and dissociation count (decodability)")
@@ -701,7 +703,13 @@ def d6_rows(reader: Reader, models: list[str]) -> list[dict]:
             for probe, command in (("topk", extra), ("injection", extra),
                                    ("decodability", run_command("decodability", model, scenario))):
                 expected = scenario == (XFAMILY_TRIGGER if probe == "decodability" else XFAMILY_EXTRA)
-                if expected or record_path(reader.results, probe, model, scenario).is_file():
+                present = record_path(reader.results, probe, model, scenario).is_file()
+                loc = reader.load(record_path(reader.results, "locality", model, scenario), "locality") \
+                    if record_path(reader.results, "locality", model, scenario).is_file() else None
+                if expected and not present and loc is not None and none_included(loc):
+                    # nothing for the probe to run on (pairs_from writes no record): the locality record says why
+                    rows.append(untestable_row(loc, "D6", f"every {probe} quantity (not run: no included pair)"))
+                elif expected or present:
                     src = reader.get(probe, model, scenario, None, command, who)   # reports family_c's if missing
                     if src is not None:
                         rows += XFAMILY_PROBE_ROWS[probe](src)

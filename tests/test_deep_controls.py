@@ -469,3 +469,19 @@ def test_probe_rows_carry_their_permutation_test_and_d6_paper_numbers_sit_on_the
     xf = _table(out, "tab_xfamily").to_dict("records")
     assert all(not isinstance(r["paper_key"], str) for r in xf if r["record_name"] == "family_c_field_first")
     assert any(isinstance(r["paper_key"], str) for r in xf if r["record_name"] == "family_c")
+
+
+def test_d6_probes_with_nothing_to_run_on_are_rows_saying_so_not_missing_records(results, tmp_path):
+    """Family C's top-k and injection run on the pairs its locality record included (pairs_from), so a model that
+    includes none has no such record: tab:xfamily says why from the locality record instead of calling it missing."""
+    rec = json.loads((results / "locality" / MODEL / "family_c.json").read_text())
+    rec["summary"] = {**rec["summary"], "n_included": 0, "n_excluded": rec["summary"]["n_gated"]}
+    path = tmp_path / "locality" / MODEL / "family_c.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        rows = dc.d6_rows(dc.Reader(tmp_path), [MODEL])
+    not_run = [r for r in rows if "not run: no included pair" in r["quantity"]]
+    assert {r["quantity"].split()[1] for r in not_run} == {"topk", "injection"}
+    assert all(r["note"].startswith("untestable here") and r["value"] is None for r in not_run)
+    assert "topk/" + MODEL not in said.getvalue() and "injection/" + MODEL not in said.getvalue()
