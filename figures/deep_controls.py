@@ -492,6 +492,11 @@ def timing_rows(dec: Loaded, control: str, paper: dict, anchors=None) -> list[di
         if w:
             row["note"] = ("never reaches the threshold at this anchor" if w.get("depth") is None
                            else f"layer {w['layer']}, accuracy {w['accuracy']:.2f}")
+            test = probe_null(dec, anchor, "conclusion", "")
+            if test and w.get("depth") is not None:   # the crossing is only as good as the probe behind it
+                row["p_value"] = test["p_value"]
+                row["note"] += (f"; p = {test['p_value']:.2g}: the best-layer conclusion probe here vs its "
+                                f"permutation null" + ("" if test["p_value"] < 0.05 else ", NOT above chance"))
         if row["paper_key"]:
             row["note"] += (f"; ours: the first layer at >= {w.get('threshold')}, the paper's: where its probe "
                             f"reaches 0.99 (figures/paper_numbers.yaml)")
