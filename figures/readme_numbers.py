@@ -318,6 +318,10 @@ BLOCKS: dict[str, dict] = {
         "shows": "step 6, D6: the paper's cancel/deny family (Family C) on the 1.5B, beside the paper's numbers",
         "kind": "deep", "table": "xfamily", "models": ["qwen2.5-coder-1.5b"], "controls": ["D6"],
     },
+    "deep-xfamily-qwen2.5-coder-0.5b": {
+        "shows": "step 6, D6 on the 0.5B: Family C changes its decision on no pair, so nothing is testable",
+        "kind": "deep", "table": "xfamily", "models": ["qwen2.5-coder-0.5b"], "controls": ["D6"],
+    },
     "deep-qwen2.5-coder-0.5b": {
         "shows": "step 6 on the 0.5B, which follows almost no F->R rule: D1-D5 say what they cannot test and why",
         "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-0.5b"],
