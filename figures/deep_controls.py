@@ -607,7 +607,10 @@ def d3_rows(reader: Reader, models: list[str], extra: list[Path] = ()) -> list[d
     rows = []
     for m in models:
         found = d3_records(reader, m, extra)
-        rows += [r for src in found for r in topk_rows(src, "D3", paper=paper, fracs=D3_FRACS)]
+        for src in found:   # a map cell's rows name its layout (the README shows no record column)
+            layout = src.name.split("-map-")[1].split("-D")[0] if "-map-" in src.name else src.name
+            rows += [{**r, "quantity": f"{layout}: {r['quantity']}"}
+                     for r in topk_rows(src, "D3", paper=paper, fracs=D3_FRACS)]
         if not found:   # a model that follows no F->R rule: the map's locality cells say so, and D3 cannot run
             rows += [{**summary_row(cell, "D3", f"every top-k quantity (no topk record), {cell.name}",
                                     "field_only_recovery"), "value": None, "ci_lo": None, "ci_hi": None,

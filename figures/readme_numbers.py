@@ -309,6 +309,11 @@ BLOCKS: dict[str, dict] = {
                  "paper's numbers",
         "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-1.5b"], "controls": ["D1", "D2"],
     },
+    "deep-d3-qwen2.5-coder-1.5b": {
+        "shows": "step 6, D3 (specificity at the longest downstream that flips: the map's D = 48 F->R cells), 1.5B, "
+                 "beside the paper's numbers",
+        "kind": "deep", "table": "deepmech", "models": ["qwen2.5-coder-1.5b"], "controls": ["D3"],
+    },
     "deep-d4-d5-qwen2.5-coder-1.5b": {
         "shows": "step 6, D4 (false-note injection, F->R) and D5 (off-template tasks), 1.5B, beside the paper's "
                  "numbers",

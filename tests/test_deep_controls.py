@@ -175,10 +175,11 @@ def test_table_rows_read_the_aggregates_they_name(results, made):
     r = one(deep, "dose k = 8, cross-fitted top-k", "diverse_all")
     assert r["value"] == pytest.approx(inj["dose"]["both"]["topk_cf"]["k"]["8"]["recovery"]["mean"])
     topk = agg("topk", "diverse_all-map-field_first_user-D4-Qlast-K1")
-    r = one(deep, "top-8 recovery, cross-fitted (ranked on the other domains)",
+    r = one(deep, "field_first_user: top-8 recovery, cross-fitted (ranked on the other domains)",
             "diverse_all-map-field_first_user-D4-Qlast-K1")
     assert r["value"] == pytest.approx(topk["topk_cf"]["8"]["mean"])
-    r = one(deep, "random-8, matched null (median, 95 % band)", "diverse_all-map-field_first_user-D4-Qlast-K1")
+    r = one(deep, "field_first_user: random-8, matched null (median, 95 % band)",
+            "diverse_all-map-field_first_user-D4-Qlast-K1")
     assert (r["value"], r["ci_lo"], r["ci_hi"]) == pytest.approx(
         (topk["null_matched"]["8"]["median"], topk["null_matched"]["8"]["lo"], topk["null_matched"]["8"]["hi"]))
     for scenario in dc.OFFTEMPLATE:
