@@ -1096,6 +1096,27 @@ def d3_table(src: Loaded) -> tuple[pd.DataFrame, pd.DataFrame]:
                         columns=D3_HEADER), t
 
 
+def d3_share_table(src: Loaded) -> pd.DataFrame:
+    """One D3 record's top-k with k the share f of each pair's own downstream (topk_cf_frac, topk_in_frac,
+    null_matched_frac; probes/topk.py TOPK_FRACS), one row per f with the mean k over the pairs; empty for a record
+    made before shares were measured."""
+    agg = src.rec.get("aggregate") or {}
+    if "topk_cf_frac" not in agg:
+        return pd.DataFrame(columns=D3_HEADER + ["share", "mean_k"])
+    rows = []
+    for f, cf in agg["topk_cf_frac"].items():
+        ins, null = agg["topk_in_frac"].get(f, {}), agg["null_matched_frac"].get(f, {})
+        ks = [r["plan"]["frac_sizes"][f] for r in src.rec["instances"] if f in r.get("plan", {}).get("frac_sizes", {})]
+        rows.append({"model": src.model, "regime": src.regime, "record_name": src.name, "k": None,
+                     "in_sample": ins.get("mean"), "in_lo": (ins.get("ci") or [None, None])[0],
+                     "in_hi": (ins.get("ci") or [None, None])[1], "cross_fit": cf["mean"], "cf_lo": cf["ci"][0],
+                     "cf_hi": cf["ci"][1], "matched_null_median": null.get("median"), "matched_null_lo": null.get("lo"),
+                     "matched_null_hi": null.get("hi"), "p_in_vs_matched": null.get("p_topk_in_ge_null"),
+                     "p_cf_vs_matched": null.get("p_topk_cf_ge_null"), "n": cf["n"], "G": cf["n_clusters"],
+                     "share": float(f), "mean_k": sum(ks) / len(ks) if ks else None})
+    return pd.DataFrame(rows, columns=D3_HEADER + ["share", "mean_k"])
+
+
 def fig_d3(reader: Reader, out: Path, models: list[str], extra: list[Path] = ()) -> Path | None:
     """fig_d3_specificity (paper_spec §3.12, §7.3 (iii), §8 W8, W9): per D3 top-k record, cross-fitted and
     in-sample top-k against the matched and uniform random-k nulls (figures.fig3's drawing), with k as a fraction
@@ -1116,9 +1137,18 @@ def fig_d3(reader: Reader, out: Path, models: list[str], extra: list[Path] = ())
             nd = n_down["mean"]
             top = ax.secondary_xaxis("top", functions=(lambda k, nd=nd: k / nd, lambda f, nd=nd: f * nd))
             top.set_xlabel(f"k / mean downstream length ({nd:.0f} tokens)", fontsize=6.5)
+        shares = d3_share_table(src)
+        if len(shares):   # k as a share of each pair's own downstream, drawn at the mean k of that share
+            ax.errorbar(shares["mean_k"], shares["cross_fit"], yerr=_yerr(shares["cross_fit"], shares["cf_lo"],
+                                                                           shares["cf_hi"]),
+                        fmt="D", ms=3, color=WONG["red"], capsize=1.5, lw=0.8,
+                        label="top share of each pair's downstream, cross-fitted (at its mean k)")
+            ax.plot(shares["mean_k"], shares["matched_null_median"], "x", color=WONG["red"], ms=4,
+                    label="its matched random null (median)")
+            ax.legend(fontsize=5.5, loc="lower right")
         ax.set_title(f"{src.model}, {src.name}, {src.regime}\n(n={src.info['n_included']}, "
                      f"G={table['G'].iloc[0] if len(table) else 0})", fontsize=7)
-        tables.append(table)
+        tables.append(pd.concat([table, shares], ignore_index=True))
     write_table(out, stem, pd.concat(tables, ignore_index=True))
     return _save(fig, out, stem)
 

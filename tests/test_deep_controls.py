@@ -284,10 +284,16 @@ def test_figure_tables_hold_the_plotted_record_numbers(results, made):
           if r["record_name"] == "diverse_all-map-field_first_user-D4-Qlast-K1"]
     assert d3
     for r in d3:
+        if r["share"] is not None:     # k as a share of each pair's downstream
+            f = next(x for x in topk["topk_cf_frac"] if float(x) == r["share"])
+            assert r["cross_fit"] == pytest.approx(topk["topk_cf_frac"][f]["mean"])
+            assert r["matched_null_median"] == pytest.approx(topk["null_matched_frac"][f]["median"])
+            continue
         k = str(int(r["k"]))
         assert r["cross_fit"] == pytest.approx(topk["topk_cf"][k]["mean"])
         assert r["matched_null_median"] == pytest.approx(topk["null_matched"][k]["median"])
         assert r["k_over_mean_n_down"] == pytest.approx(int(k) / topk["n_down"]["mean"])
+    assert sum(r["share"] is not None for r in d3) == len(topk["topk_cf_frac"]) > 0
     inj = agg("injection", "diverse_all")
     d4 = _table(out, "fig_d4_injection").to_dict("records")
     for r in d4:
