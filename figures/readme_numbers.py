@@ -367,8 +367,8 @@ BLOCKS: dict[str, dict] = {
         "rows": SCRUB_ROWS,
     },
     "circuit-scrub-qwen2.5-coder-1.5b": {
-        "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per F->R layout, 1.5B",
-        **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS[1:]),
+        "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per layout (R->F first, for contrast), 1.5B",
+        **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS),
         "rows": SCRUB_ROWS,
     },
     "knockout-qwen2.5-coder-1.5b-diverse": {
