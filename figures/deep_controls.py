@@ -142,8 +142,9 @@ class Reader:
         """`get`, but None (after saying so) also for a record in which no gated pair is included: a figure has
         nothing of it to draw, and the tables carry its `none_included` row."""
         src = self.get(probe, model, scenario, tag, command, who)
-        if src is not None and none_included(src):
-            print(f"{who}: {src.path} left out: {none_included(src)}")
+        untestable = none_included(src) if src is not None else None
+        if untestable:
+            print(f"{who}: {src.path} left out: {untestable}")
             return None
         return src
 
@@ -433,7 +434,10 @@ def d1_probe_rows(dec: Loaded, control: str, primary: bool) -> list[dict]:
         best = node(dec.agg, "best_layer", f"decision/{target}")
         row["note"] = (f"best layer {best['layer']} (depth {best['depth']:.2f}), chosen in-sample: descriptive"
                        if best else not_probed.get(target) or row["note"])
-        row.update(probe_null(dec, "decision", target, row["note"]))
+        test = probe_null(dec, "decision", target, row["note"])
+        if test:
+            row.update(p_value=test["p_value"],
+                       note=test["note"] + ("" if test["above_chance"] else "; NOT above chance (p >= 0.05)"))
         rows.append(row)
     for other in ("trigger", "field_value"):
         base, words = f"decision/{other}", other.replace("_", " ")
@@ -465,15 +469,15 @@ def anchor_label(anchor: str, short: bool = False) -> str:
 def probe_null(dec: Loaded, anchor: str, target: str, note: str) -> dict:
     """The p-value and note of a best-layer probe accuracy against its permutation null (decodability's
     best_layer/<anchor>/<target>/null: the maximum over layers of the LOSO accuracy with the labels permuted within
-    scenario, so the in-sample choice of layer is inside the test); {} when the record has no null."""
+    scenario, so the in-sample choice of layer is inside the test) and whether it is above chance (p < 0.05); {} when
+    the record has no null."""
     null = (((dec.rec.get("aggregate") or {}).get("best_layer") or {}).get(anchor) or {}).get(target, {}).get("null")
     if not null or null.get("p_value") is None:
         return {}
-    verdict = "" if null["p_value"] < 0.05 else "; NOT above chance (p >= 0.05)"
-    return {"p_value": null["p_value"],
+    return {"p_value": null["p_value"], "above_chance": null["p_value"] < 0.05,
             "note": f"{note}; test: the max over layers {','.join(map(str, null['layers']))} = "
                     f"{null['observed']:.2f} vs {null['n_perm']} label permutations within scenario (mean "
-                    f"{null['mean']:.2f}, 95th pct {null['p95']:.2f}){verdict}"}
+                    f"{null['mean']:.2f}, 95th pct {null['p95']:.2f})"}
 
 
 @one_row_if_untestable("every write / commit depth (decodability)")
@@ -496,7 +500,7 @@ def timing_rows(dec: Loaded, control: str, paper: dict, anchors=None) -> list[di
             if test and w.get("depth") is not None:   # the crossing is only as good as the probe behind it
                 row["p_value"] = test["p_value"]
                 row["note"] += (f"; p = {test['p_value']:.2g}: the best-layer conclusion probe here vs its "
-                                f"permutation null" + ("" if test["p_value"] < 0.05 else ", NOT above chance"))
+                                f"permutation null" + ("" if test["above_chance"] else ", NOT above chance"))
         if row["paper_key"]:
             row["note"] += (f"; ours: the first layer at >= {w.get('threshold')}, the paper's: where its probe "
                             f"reaches 0.99 (figures/paper_numbers.yaml)")
@@ -612,9 +616,8 @@ def d3_rows(reader: Reader, models: list[str], extra: list[Path] = ()) -> list[d
             rows += [{**r, "quantity": f"{layout}: {r['quantity']}"}
                      for r in topk_rows(src, "D3", paper=paper, fracs=D3_FRACS)]
         if not found:   # a model that follows no F->R rule: the map's locality cells say so, and D3 cannot run
-            rows += [{**summary_row(cell, "D3", f"every top-k quantity (no topk record), {cell.name}",
-                                    "field_only_recovery"), "value": None, "ci_lo": None, "ci_hi": None,
-                      "note": f"{none_included(cell)}: the map's locality cell; no top-k run"}
+            rows += [{**(row := untestable_row(cell, "D3", "every top-k quantity (no topk record)")),
+                      "note": f"{row['note']}: the map's locality cell; no top-k run"}
                      for cell in map_far_cells(reader, m, "locality") if none_included(cell)]
     return rows
 
@@ -708,12 +711,12 @@ def d6_rows(reader: Reader, models: list[str]) -> list[dict]:
                                                             "downstream_only_recovery": "notes"})
         for scenario in (*XFAMILY, XFAMILY_TRIGGER):
             extra = COMMANDS["D6 S, I"].format(model=model, scenario=scenario)
+            loc_path = record_path(reader.results, "locality", model, scenario)
+            loc = reader.load(loc_path, "locality") if loc_path.is_file() else None   # read above: cached
             for probe, command in (("topk", extra), ("injection", extra),
                                    ("decodability", run_command("decodability", model, scenario))):
                 expected = scenario == (XFAMILY_TRIGGER if probe == "decodability" else XFAMILY_EXTRA)
                 present = record_path(reader.results, probe, model, scenario).is_file()
-                loc = reader.load(record_path(reader.results, "locality", model, scenario), "locality") \
-                    if record_path(reader.results, "locality", model, scenario).is_file() else None
                 if expected and not present and loc is not None and none_included(loc):
                     # nothing for the probe to run on (pairs_from writes no record): the locality record says why
                     rows.append(untestable_row(loc, "D6", f"every {probe} quantity (not run: no included pair)"))
