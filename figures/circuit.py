@@ -17,7 +17,8 @@ Each record is one layout of the step-5 map (its tag names it; R->F / F->R from 
 Writes (under --out, default figures/): fig15_circuit_<model>.png/.pdf with a .csv / .md of exactly the plotted
 numbers, and tab_circuit.{csv,md,tex}: one row per model x layout x quantity, the paper's value per paper model in
 columns of their own where the quantity has one. A model without any circuit record is named with the command that
-makes them; nothing is dropped silently.
+makes them; nothing is dropped silently. tab_circuit_coverage.{csv,md}: per model and map cell, the included pairs
+the circuit probes draw on and which of their records exist (a model that flips on no pair is listed, with why).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ PROBES = ("heads", "direction", "components", "scrub")
 PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"
 COMMAND = "python run.py -m experiment=circuit model={model}"
 R_TO_F = ("rule_first", "rule_first_user")
+CELL = "-D0-Qlast-K1"   # experiment=circuit's map cell: no filler (D = 0), question last, one gate
 
 
 def layout_of(tag) -> str:
@@ -281,6 +283,52 @@ def circuit_table(agg: pd.DataFrame, paper_path: Path = PAPER_NUMBERS) -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def coverage_table(results: Path, models: list[str] | None = None) -> pd.DataFrame:
+    """Which pairs each model's circuit records could use, and which records exist: one row per model x locality
+    record of the map cell that `experiment=circuit` draws its pairs from (`pairs_from`: `map-<layout>` + CELL), with
+    the record's included and gated pairs and, per circuit probe, whether a record of that layout exists. A model with
+    no such map record (the map was not run on it) gets one row per locality record it has. A cell that included no
+    pair cannot have a circuit record (run.py writes none: nothing to measure), and its `status` says so; this is how
+    tab:circuit records that a model does not flip (issue "Step 7": smollm2-135m, gemma3-270m)."""
+    loc = load_index(Path(results), probe="locality")
+    have = load_index(Path(results))
+    have = have[have["probe"].isin(PROBES)]
+    rows = []
+    for model in sorted(m for m in set(loc["model"]) | set(have["model"]) if not models or m in models):
+        mine = loc[loc["model"] == model]
+        cells = mine[mine["tag"].fillna("").str.match(rf"map-.*{CELL}$")]
+        use_map = not cells.empty
+        for _, r in (cells if use_map else mine).sort_values(["scenario", "tag"], na_position="first").iterrows():
+            layout = layout_of(r["tag"]) if use_map else None
+            n_inc, n_gated = int(r["n_included"]), int(r["n_gated"])
+            made, fewer = dict.fromkeys(PROBES, False), []
+            for p in PROBES if use_map else ():
+                rec = have[(have["model"] == model) & (have["probe"] == p) & (have["tag"] == r["tag"])]
+                made[p] = not rec.empty
+                if made[p] and int(rec["n_included"].iloc[0]) != n_inc:
+                    fewer.append(f"{p} measured {int(rec['n_included'].iloc[0])} pairs, the cell included {n_inc} "
+                                 f"(its record's pairs_from says which, e.g. a domains_subset)")
+            if n_inc == 0:
+                status = ("no decision flip passes the inclusion rule: no circuit record can be made"
+                          + ("" if use_map else " (and no map record of this model)"))
+            elif all(made.values()):
+                status = "every circuit probe has a record"
+            else:
+                missing = ",".join(p for p, ok in made.items() if not ok)
+                status = (f"missing: {missing} (run: {COMMAND.format(model=model)} probe={missing} "
+                          f"scenario.params.layout={layout})" if use_map else "not a map cell: no circuit run")
+            status = "; ".join([status, *fewer])
+            try:
+                source = str(Path(r["path"]).resolve().relative_to(Path(results).resolve().parent))
+            except ValueError:
+                source = str(r["path"])
+            rows.append({"model": model, "scenario": r["scenario"], "layout": layout or "",
+                         "order": order_of(layout) if layout else "", "included pairs": n_inc,
+                         "gated pairs": n_gated, **{p: "yes" if made[p] else "" for p in PROBES},
+                         "status": status, "source": source})
+    return pd.DataFrame(rows)
+
+
 def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: list[str] | None = None) -> list[Path]:
     agg = frames(Path(results), models)
     out = Path(out)
@@ -298,6 +346,9 @@ def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: li
         for probe in PROBES:
             if probe not in present:
                 print(f"{model}: no {probe} record (run: {COMMAND.format(model=model)} probe={probe})")
+    cover = coverage_table(Path(results), models)
+    if len(cover):
+        write_table(out, "tab_circuit_coverage", cover)
     tab = circuit_table(agg)
     write_table(out, "tab_circuit", tab)
     (out / "tab_circuit.tex").write_text(latex_table(tab))

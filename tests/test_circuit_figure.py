@@ -65,3 +65,31 @@ def test_a_missing_probe_is_named(results, tmp_path, capsys):
     circuit.main(["--results", str(part), "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert "no direction record" in out and "no components record" in out and "no scrub record" in out
+
+
+def test_the_coverage_table_names_cells_without_a_flip_and_missing_records(results, tmp_path):
+    """tab_circuit_coverage: a map cell whose locality record included pairs lists the circuit records made on it;
+    a model that flips on no pair (strict inclusion rule on a random tiny model) gets a row saying no circuit record
+    can be made, with the record it read that from."""
+    import shutil
+    root = tmp_path / "res"
+    shutil.copytree(results, root)
+    cell = ("tag=map-field_first_user-D0-Qlast-K1", "scenario.params.layout=field_first_user")
+    run_module.run(_cfg(root, "probe=locality", "model=tiny-llama", *cell, *RELAXED))
+    run_module.run(_cfg(root, "probe=locality", "model=tiny-qwen2", *cell))
+    circuit.main(["--results", str(root), "--out", str(tmp_path / "out")])
+    cover = pd.read_csv(tmp_path / "out" / "tab_circuit_coverage.csv", keep_default_na=False)
+    llama = cover[cover["model"] == "tiny-llama"].iloc[0]
+    assert llama["layout"] == "field_first_user" and llama["order"] == "F->R" and int(llama["included pairs"]) >= 1
+    assert [llama[p] for p in circuit.PROBES] == ["yes"] * 4
+    assert llama["status"].startswith("every circuit probe has a record")
+    n_scrub = json.loads(next((root / "scrub" / "tiny-llama").glob("*.json")).read_text())["summary"]["n_included"]
+    assert (f"scrub measured {n_scrub} pairs" in llama["status"]) == (n_scrub != int(llama["included pairs"]))
+    qwen = cover[cover["model"] == "tiny-qwen2"].iloc[0]
+    assert int(qwen["included pairs"]) == 0 and "no circuit record can be made" in qwen["status"]
+    assert qwen["source"] == "res/locality/tiny-qwen2/diverse-map-field_first_user-D0-Qlast-K1.json"
+    (root / "heads" / "tiny-llama").rename(root / "heads_aside")
+    circuit.main(["--results", str(root), "--out", str(tmp_path / "out2")])
+    cover = pd.read_csv(tmp_path / "out2" / "tab_circuit_coverage.csv", keep_default_na=False)
+    llama = cover[cover["model"] == "tiny-llama"].iloc[0]
+    assert llama["heads"] == "" and llama["status"].startswith("missing: heads (run: ")
