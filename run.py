@@ -237,7 +237,10 @@ def run(cfg: DictConfig) -> dict:
         print(f"[kvnotes] pairs_from: {len(instances)} pairs included in {conf['pairs_from']}; "
               f"{len(not_run)} left out")
         if not instances:   # not an error: a sweep over map cells goes on to the next cell
-            print(f"[kvnotes] {conf['pairs_from']} included no pair: nothing to measure, no record written")
+            print(f"[kvnotes] {conf['pairs_from']} included none of these {len(not_run)} pairs (no pair passed "
+                  f"its inclusion rule; its `excluded` rows give each pair's reasons, usually no decision flip): "
+                  f"nothing to measure for this model and cell, no record written. "
+                  f"figures/tab_circuit_coverage.md lists the cells with pairs per model")
             return {}
     spec = conf["model"]   # the composed model config: overrides and search-path configs included
     lm = load_model(spec, cfg.dtype, cache_dir)
@@ -513,6 +516,9 @@ def _report(path: Path, analysis: dict) -> None:
     s = analysis["summary"]
     print(f"[kvnotes] record: {path}  ({s['n_included']}/{s['n_gated']} gated instances included, "
           f"{s['n_excluded']} excluded, {s['n_controls']} controls)")
+    if s.get("n_gated") and not s.get("n_included"):   # say why, not only how many
+        print("[kvnotes] no gated pair passed the inclusion rule (exclusion.*): each of the record's `excluded` rows "
+              "gives its reasons (e.g. no decision flip, |delta m| < tau); nothing is aggregated")
 
 
 # ---------------------------------------------------------------- re-analysis of a record, without the model
@@ -677,12 +683,14 @@ def main(cfg: DictConfig) -> None:
     _check_mode()
     record = run(cfg)
     if cfg.make_figures and record:
-        from figures import fig3, make_figures
+        from figures import circuit, fig3, make_figures
         results = _abs(cfg.results_dir)
         # figures of the repository's results go to figures/; of any other results directory, next to it
         out = [] if results == _abs("results") else ["--out", str(results / "figures")]
-        jobs = [(make_figures.main, out), (fig3.main, out)]
         name, tag = record["scenario"]["name"], record["config"].get("tag")
+        # a circuit probe's record feeds Fig. 15 and tab:circuit only; every other probe's, Fig. 3 and the rest
+        circuit_run = record["experiment"] in circuit.PROBES
+        jobs = [(circuit.main, out)] if circuit_run else [(make_figures.main, out), (fig3.main, out)]
         if record["experiment"] == "locality" and (tag or name not in make_figures.FIG3A_SCENARIOS):
             # this run's own Fig. 3a (e.g. a pairs file's): figures/fig3a_locality_<scenario>[-<tag>].png
             jobs.append((make_figures.main, [*out, "--scenario", name, *(["--tag", tag] if tag else [])]))

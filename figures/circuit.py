@@ -135,6 +135,13 @@ def _legend(ax) -> None:
         ax.text(0.5, 0.5, "no record", ha="center", va="center", transform=ax.transAxes, fontsize=7)
 
 
+def _headroom(ax) -> None:
+    """Room above the curves for the legend (one line per layout x series), so it covers no data."""
+    lo, hi = ax.get_ylim()
+    n = len(ax.get_legend_handles_labels()[0])
+    ax.set_ylim(lo, hi + (hi - lo) * (0.12 * n + 0.1))
+
+
 def _f(series) -> np.ndarray:
     """A column of the plotted table as floats (the table mixes numeric and categorical x across panels)."""
     return pd.to_numeric(series).to_numpy(dtype=float)
@@ -164,6 +171,7 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
         ax.axhline(0, color=WONG["grey"], lw=0.6)
+        _headroom(ax)
         _legend(ax)
         ax = axes[1]
         for layout in layouts:
@@ -179,6 +187,7 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
                             label=f"{layout} {series}")
         ax.set(xlabel="layer", ylabel="recovery", title="(b) conclusion direction vs random")
         ax.axhline(0, color=WONG["grey"], lw=0.6)
+        _headroom(ax)
         _legend(ax)
         ax = axes[2]
         width = 0.8 / max(len(layouts), 1)
@@ -352,6 +361,7 @@ def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: li
     tab = circuit_table(agg)
     write_table(out, "tab_circuit", tab)
     (out / "tab_circuit.tex").write_text(latex_table(tab))
+    print(f"wrote {out / 'tab_circuit.tex'}")
     written.append(out / "tab_circuit.csv")
     index = load_index(Path(results))
     print(f"tab:circuit from {sum(index['probe'].isin(PROBES))} records")

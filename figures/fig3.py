@@ -126,7 +126,7 @@ def _save(fig: Figure, out: Path, stem: str) -> Path:
     png = out / f"{stem}.png"
     fig.savefig(png, dpi=150, bbox_inches="tight")
     fig.savefig(out / f"{stem}.pdf", bbox_inches="tight", metadata={"CreationDate": None})   # byte-stable PDFs
-    print(f"wrote {png}")
+    print(f"wrote {png} and .pdf")
     return png
 
 

@@ -93,3 +93,22 @@ def test_the_coverage_table_names_cells_without_a_flip_and_missing_records(resul
     cover = pd.read_csv(tmp_path / "out2" / "tab_circuit_coverage.csv", keep_default_na=False)
     llama = cover[cover["model"] == "tiny-llama"].iloc[0]
     assert llama["heads"] == "" and llama["status"].startswith("missing: heads (run: ")
+
+
+def test_run_py_says_why_a_cell_has_nothing_to_measure_and_remakes_fig15(tmp_path):
+    """From the command line: a circuit probe whose pairs_from record included no pair says why and writes no record;
+    a circuit probe's run remakes Fig. 15 and tab:circuit (not the locality figures)."""
+    from conftest import run_py
+    res = tmp_path / "res"
+    cell = ("tag=map-field_first_user-D0-Qlast-K1", "scenario.params.layout=field_first_user", "n_instances=1")
+    run_module.run(_cfg(res, "probe=locality", "model=tiny-qwen2", *cell))      # strict rule: no pair included
+    src = res / "locality" / "tiny-qwen2" / "diverse-map-field_first_user-D0-Qlast-K1.json"
+    assert json.loads(src.read_text())["summary"]["n_included"] == 0
+    done = run_py("probe=components", "model=tiny-qwen2", *cell, f"results_dir={res}", f"pairs_from={src}",
+                  hydra_dir=tmp_path / "h1")
+    assert "included none of these" in done.stdout and "tab_circuit_coverage" in done.stdout
+    assert not (res / "components").exists()
+    done = run_py("probe=components", "model=tiny-llama", *cell, *RELAXED, f"results_dir={res}",
+                  "make_figures=true", hydra_dir=tmp_path / "h2")
+    assert "fig15_circuit_tiny-llama.png" in done.stdout and "tab_circuit.tex" in done.stdout
+    assert "fig3" not in done.stdout
