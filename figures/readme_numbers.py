@@ -106,6 +106,9 @@ HEAD_ROWS = [*(("read", f"cum_cf/{k}", f"read heads: joint top-{k}, ranked on he
              ("read", "stability", "read heads: top-8 sets across pairs, mean pairwise Jaccard",
               "mean_pairwise_jaccard"),
              ("read", "dla_vs_exact/spearman", "read heads: DLA vs exact single-head patch, Spearman"),
+             ("read", "heads_ranked/0", "read heads: the best single head alone (exact patch, ranked in-sample)"),
+             ("read", "heads_ranked/0", "read heads: that head's attention from the decision token to the top-4 notes "
+              "(mean)", "attn_mean", "no_ci", "no_ci"),
              *(row for sweep, where in (("write1", "the top-1 note"), ("writeN", "the top-4 notes jointly"))
                for row in (
                    (sweep, "cum_cf/12", f"write heads at {where}: joint top-12, held-out ranking"),
@@ -334,16 +337,16 @@ BLOCKS: dict[str, dict] = {
     },
     "circuit-heads-qwen2.5-coder-1.5b": {
         "shows": "step 7: read / write heads (paper_spec §4.1, §4.2), joint top-k ranked on held-out domains against "
-                 "joint random-k nulls, 1.5B",
-        **circuit_records("heads", "qwen2.5-coder-1.5b", ("field_first_user",)),
+                 "joint random-k nulls, 1.5B (R->F on five domains fixed before the run, for contrast, first)",
+        **circuit_records("heads", "qwen2.5-coder-1.5b", ("rule_first", "field_first_user")),
         "rows": HEAD_ROWS,
         "digits": 2,
     },
     "circuit-direction-qwen2.5-coder-1.5b": {
         "shows": "step 7: difference-of-means conclusion direction at the notes (paper_spec §4.4), fitted "
-                 "leave-one-domain-out, against norm-matched random directions, 1.5B",
-        **circuit_records("direction", "qwen2.5-coder-1.5b", ("field_first_user",)),
-        "rows": direction_rows((9, 14, 18, 22), auc=True),
+                 "leave-one-domain-out, against norm-matched random directions, 1.5B, the three F->R layouts",
+        **circuit_records("direction", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS[1:]),   # the F->R layouts
+        "rows": direction_rows((9, 14, 18), auc=True),
     },
     "circuit-components-qwen2.5-coder-0.5b": {
         "shows": "step 7: attention vs MLP write attribution on the 0.5B (R->F only: it includes no F->R pair)",
@@ -367,7 +370,8 @@ BLOCKS: dict[str, dict] = {
         "rows": SCRUB_ROWS,
     },
     "circuit-scrub-qwen2.5-coder-1.5b": {
-        "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per layout (R->F first, for contrast), 1.5B",
+        "shows": "step 7: causal scrubbing of the notes (paper_spec §4.5), per layout (R->F first, for contrast), "
+                 "1.5B",
         **circuit_records("scrub", "qwen2.5-coder-1.5b", CIRCUIT_LAYOUTS),
         "rows": SCRUB_ROWS,
     },
