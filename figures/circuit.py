@@ -128,18 +128,20 @@ def plotted(agg: pd.DataFrame, model: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["panel", "layout", "series", "x", "mean", "lo", "hi", "n"])
 
 
-def _legend(ax) -> None:
+def _legend(ax, ncol: int = 1, loc: str = "best") -> None:
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=5.5, frameon=True, framealpha=0.85, edgecolor="none")   # readable over a line
+        ax.legend(fontsize=5.5, frameon=True, framealpha=0.85, edgecolor="none", ncol=ncol, loc=loc,
+                  columnspacing=0.8, handlelength=1.8)   # readable over a line
     else:
         ax.text(0.5, 0.5, "no record", ha="center", va="center", transform=ax.transAxes, fontsize=7)
 
 
-def _headroom(ax) -> None:
-    """Room above the curves for the legend (one line per layout x series), so it covers no data."""
+def _headroom(ax, ncol: int = 1) -> None:
+    """Room above the curves for an upper legend of `ncol` columns (a row per ncol layout x series entries), so
+    that it covers no data."""
     lo, hi = ax.get_ylim()
-    n = len(ax.get_legend_handles_labels()[0])
-    ax.set_ylim(lo, hi + (hi - lo) * (0.12 * n + 0.1))
+    rows = -(-len(ax.get_legend_handles_labels()[0]) // ncol)
+    ax.set_ylim(lo, hi + (hi - lo) * (0.14 * rows + 0.1))
 
 
 def _f(series) -> np.ndarray:
@@ -172,7 +174,7 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
         ax.minorticks_off()
         ax.axhline(0, color=WONG["grey"], lw=0.6)
         _headroom(ax)
-        _legend(ax)
+        _legend(ax, loc="upper left")
         ax = axes[1]
         for layout in layouts:
             s = table[(table["panel"] == "b") & (table["layout"] == layout)]
@@ -187,8 +189,9 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
                             label=f"{layout} {series}")
         ax.set(xlabel="layer", ylabel="recovery", title="(b) conclusion direction vs random")
         ax.axhline(0, color=WONG["grey"], lw=0.6)
-        _headroom(ax)
-        _legend(ax)
+        ncol = 1 if len(ax.get_legend_handles_labels()[0]) <= 4 else 2
+        _headroom(ax, ncol)
+        _legend(ax, ncol, "upper left")
         ax = axes[2]
         width = 0.8 / max(len(layouts), 1)
         for i, layout in enumerate(layouts):
@@ -199,10 +202,9 @@ def figure(table: pd.DataFrame, model: str) -> Figure:
                 ax.bar(xs, _f(a["mean"]), width, color=colours[layout], label=layout)
                 ax.bar(xs, _f(m["mean"]), width, bottom=_f(a["mean"]), color=colours[layout], alpha=0.35)
                 ax.set_xticks(np.arange(len(a)) + width * (len(layouts) - 1) / 2, [str(int(x)) for x in _f(a["x"])])
-        ax.set(xlabel="readout layer T", ylabel="share of |δ_T|", ylim=(0, 1.45),
+        ax.set(xlabel="readout layer T (dark: attention, light: MLP)", ylabel="share of |δ_T|", ylim=(0, 1.45),
                title="(c) attention vs MLP write")
-        ax.text(0.02, 0.97, "dark: attention, light: MLP", transform=ax.transAxes, fontsize=5.5, va="top")
-        _legend(ax)
+        _legend(ax, 2, "upper center")
         ax = axes[3]
         d = table[table["panel"] == "d"]
         cats = list(dict.fromkeys(f"{s} | {x}" for s, x in zip(d["series"], d["x"])))
@@ -292,32 +294,61 @@ def circuit_table(agg: pd.DataFrame, paper_path: Path = PAPER_NUMBERS) -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def _count(x) -> int | None:
+    """A record's pair count as an int, None where the record has none."""
+    return None if x is None or pd.isna(x) else int(x)
+
+
+def _shown(path) -> str:
+    """A record's path as the user can open it: relative to the working directory when under it, else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def coverage_table(results: Path, models: list[str] | None = None) -> pd.DataFrame:
     """Which pairs each model's circuit records could use, and which records exist: one row per model x locality
     record of the map cell that `experiment=circuit` draws its pairs from (`pairs_from`: `map-<layout>` + CELL), with
-    the record's included and gated pairs and, per circuit probe, whether a record of that layout exists. A model with
-    no such map record (the map was not run on it) gets one row per locality record it has. A cell that included no
-    pair cannot have a circuit record (run.py writes none: nothing to measure), and its `status` says so; this is how
-    tab:circuit records that a model does not flip (issue "Step 7": smollm2-135m, gemma3-270m)."""
+    the record's included and gated pairs and, per circuit probe, whether a record of that scenario and layout exists.
+    A model with no such map record (the map was not run on it) gets one row per locality record it has; a model with
+    circuit records but no locality record at all, one row per circuit cell. A cell that included no pair cannot have
+    a circuit record (run.py writes none: nothing to measure), and its `status` says so; this is how tab:circuit
+    records that a model does not flip (issue "Step 7": smollm2-135m, gemma3-270m)."""
     loc = load_index(Path(results), probe="locality")
     have = load_index(Path(results))
     have = have[have["probe"].isin(PROBES)]
     rows = []
     for model in sorted(m for m in set(loc["model"]) | set(have["model"]) if not models or m in models):
-        mine = loc[loc["model"] == model]
+        mine, theirs = loc[loc["model"] == model], have[have["model"] == model]
+        if mine.empty:   # circuit records whose pairs came from elsewhere (pairs_from=null or another results dir)
+            for (scenario, tag), recs in theirs.groupby(["scenario", "tag"], dropna=False):
+                made = set(recs["probe"])
+                rows.append({"model": model, "scenario": scenario, "layout": layout_of(tag), "order": order_of(
+                    layout_of(tag)), "included pairs": None, "gated pairs": None,
+                    **{p: "yes" if p in made else "" for p in PROBES},
+                    "status": "circuit records, but no locality record of this model here: their pairs came from "
+                              "pairs_from=null or another results directory (each record's pairs_from says)",
+                    "source": ""})
+            continue
         cells = mine[mine["tag"].fillna("").str.match(rf"map-.*{CELL}$")]
         use_map = not cells.empty
         for _, r in (cells if use_map else mine).sort_values(["scenario", "tag"], na_position="first").iterrows():
             layout = layout_of(r["tag"]) if use_map else None
-            n_inc, n_gated = int(r["n_included"]), int(r["n_gated"])
+            n_inc, n_gated = _count(r["n_included"]), _count(r["n_gated"])
             made, fewer = dict.fromkeys(PROBES, False), []
             for p in PROBES if use_map else ():
-                rec = have[(have["model"] == model) & (have["probe"] == p) & (have["tag"] == r["tag"])]
+                rec = theirs[(theirs["probe"] == p) & (theirs["scenario"] == r["scenario"])
+                             & (theirs["tag"] == r["tag"])]
                 made[p] = not rec.empty
-                if made[p] and int(rec["n_included"].iloc[0]) != n_inc:
-                    fewer.append(f"{p} measured {int(rec['n_included'].iloc[0])} pairs, the cell included {n_inc} "
+                n_rec = _count(rec["n_included"].iloc[0]) if made[p] else None
+                if made[p] and n_rec != n_inc:
+                    fewer.append(f"{p} measured {n_rec} pairs, the cell included {n_inc} "
                                  f"(its record's pairs_from says which, e.g. a domains_subset)")
-            if n_inc == 0:
+            if n_inc is None:
+                status = "the locality record has no pair counts (summary.n_included): re-run or re-analyse it"
+            elif n_inc == 0:
                 status = ("no decision flip passes the inclusion rule: no circuit record can be made"
                           + ("" if use_map else " (and no map record of this model)"))
             elif all(made.values()):
@@ -326,15 +357,10 @@ def coverage_table(results: Path, models: list[str] | None = None) -> pd.DataFra
                 missing = ",".join(p for p, ok in made.items() if not ok)
                 status = (f"missing: {missing} (run: {COMMAND.format(model=model)} probe={missing} "
                           f"scenario.params.layout={layout})" if use_map else "not a map cell: no circuit run")
-            status = "; ".join([status, *fewer])
-            try:
-                source = str(Path(r["path"]).resolve().relative_to(Path(results).resolve().parent))
-            except ValueError:
-                source = str(r["path"])
             rows.append({"model": model, "scenario": r["scenario"], "layout": layout or "",
                          "order": order_of(layout) if layout else "", "included pairs": n_inc,
                          "gated pairs": n_gated, **{p: "yes" if made[p] else "" for p in PROBES},
-                         "status": status, "source": source})
+                         "status": "; ".join([status, *fewer]), "source": _shown(r["path"])})
     return pd.DataFrame(rows)
 
 
@@ -343,6 +369,13 @@ def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: li
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    cover = coverage_table(Path(results), models)   # first: it matters most where no model has a circuit record
+    if len(cover):
+        write_table(out, "tab_circuit_coverage", cover)
+        written.append(out / "tab_circuit_coverage.csv")
+    else:
+        for ext in ("csv", "md"):   # never leave an earlier run's table beside this run's figures
+            (out / f"tab_circuit_coverage.{ext}").unlink(missing_ok=True)
     if agg.empty:
         print(f"no circuit record under {results} (run: {COMMAND.format(model='<model>')})")
         return written
@@ -355,9 +388,6 @@ def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: li
         for probe in PROBES:
             if probe not in present:
                 print(f"{model}: no {probe} record (run: {COMMAND.format(model=model)} probe={probe})")
-    cover = coverage_table(Path(results), models)
-    if len(cover):
-        write_table(out, "tab_circuit_coverage", cover)
     tab = circuit_table(agg)
     write_table(out, "tab_circuit", tab)
     (out / "tab_circuit.tex").write_text(latex_table(tab))

@@ -4,6 +4,7 @@ from figures/paper_numbers.yaml in their own columns, and a missing probe is nam
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -55,7 +56,10 @@ def test_figure_and_table_come_from_the_records(results, tmp_path, capsys):
     assert k2["value"].iloc[0] == pytest.approx(heads["aggregate"]["read"]["cum_cf"]["2"]["mean"])
     assert k2[f"paper {paper_models[0]}"].iloc[0] == paper["read_cum_2"]["values"][0]
     assert (tab["order"] == "F->R").all()
-    assert len(written) == 2
+    assert len(written) == 3   # Fig. 15, tab:circuit and tab_circuit_coverage
+    cover = pd.read_csv(tmp_path / "tab_circuit_coverage.csv", keep_default_na=False)
+    assert list(cover["model"]) == ["tiny-llama"] and "no locality record" in cover["status"].iloc[0]
+    assert [cover[p].iloc[0] for p in circuit.PROBES] == ["yes"] * 4
 
 
 def test_a_missing_probe_is_named(results, tmp_path, capsys):
@@ -87,7 +91,15 @@ def test_the_coverage_table_names_cells_without_a_flip_and_missing_records(resul
     assert (f"scrub measured {n_scrub} pairs" in llama["status"]) == (n_scrub != int(llama["included pairs"]))
     qwen = cover[cover["model"] == "tiny-qwen2"].iloc[0]
     assert int(qwen["included pairs"]) == 0 and "no circuit record can be made" in qwen["status"]
-    assert qwen["source"] == "res/locality/tiny-qwen2/diverse-map-field_first_user-D0-Qlast-K1.json"
+    src = root / "locality" / "tiny-qwen2" / "diverse-map-field_first_user-D0-Qlast-K1.json"
+    assert Path(qwen["source"]).resolve() == src.resolve()
+    alone = tmp_path / "alone"   # no circuit record at all: the coverage table is what says why
+    (alone / "locality" / "tiny-qwen2").mkdir(parents=True)
+    shutil.copy(src, alone / "locality" / "tiny-qwen2")
+    assert circuit.main(["--results", str(alone), "--out", str(tmp_path / "out3")]) == [
+        tmp_path / "out3" / "tab_circuit_coverage.csv"]
+    only = pd.read_csv(tmp_path / "out3" / "tab_circuit_coverage.csv", keep_default_na=False)
+    assert list(only["model"]) == ["tiny-qwen2"] and "no circuit record can be made" in only["status"].iloc[0]
     (root / "heads" / "tiny-llama").rename(root / "heads_aside")
     circuit.main(["--results", str(root), "--out", str(tmp_path / "out2")])
     cover = pd.read_csv(tmp_path / "out2" / "tab_circuit_coverage.csv", keep_default_na=False)
