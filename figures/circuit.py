@@ -308,17 +308,16 @@ def _shown(path) -> str:
         return str(path)
 
 
-def coverage_table(results: Path, models: list[str] | None = None) -> pd.DataFrame:
+def coverage_table(index: pd.DataFrame, models: list[str] | None = None) -> pd.DataFrame:
     """Which pairs each model's circuit records could use, and which records exist: one row per model x locality
     record of the map cell that `experiment=circuit` draws its pairs from (`pairs_from`: `map-<layout>` + CELL), with
     the record's included and gated pairs and, per circuit probe, whether a record of that scenario and layout exists.
     A model with no such map record (the map was not run on it) gets one row per locality record it has; a model with
     circuit records but no locality record at all, one row per circuit cell. A cell that included no pair cannot have
     a circuit record (run.py writes none: nothing to measure), and its `status` says so; this is how tab:circuit
-    records that a model does not flip (issue "Step 7": smollm2-135m, gemma3-270m)."""
-    loc = load_index(Path(results), probe="locality")
-    have = load_index(Path(results))
-    have = have[have["probe"].isin(PROBES)]
+    records that a model does not flip (issue "Step 7": smollm2-135m, gemma3-270m). `index`: load_index of the
+    results directory (every probe's records)."""
+    loc, have = index[index["probe"] == "locality"], index[index["probe"].isin(PROBES)]
     rows = []
     for model in sorted(m for m in set(loc["model"]) | set(have["model"]) if not models or m in models):
         mine, theirs = loc[loc["model"] == model], have[have["model"] == model]
@@ -369,7 +368,8 @@ def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: li
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    cover = coverage_table(Path(results), models)   # first: it matters most where no model has a circuit record
+    index = load_index(Path(results))   # read once: the coverage table and the record count below
+    cover = coverage_table(index, models)   # first: it matters most where no model has a circuit record
     if len(cover):
         write_table(out, "tab_circuit_coverage", cover)
         written.append(out / "tab_circuit_coverage.csv")
@@ -393,7 +393,6 @@ def circuit(results: Path = DEFAULT_RESULTS, out: Path = DEFAULT_OUT, models: li
     (out / "tab_circuit.tex").write_text(latex_table(tab))
     print(f"wrote {out / 'tab_circuit.tex'}")
     written.append(out / "tab_circuit.csv")
-    index = load_index(Path(results))
     print(f"tab:circuit from {sum(index['probe'].isin(PROBES))} records")
     return written
 

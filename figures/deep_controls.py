@@ -54,6 +54,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from figures.circuit import layout_of  # noqa: E402
 from figures.fig3 import _band, _draw_topk, _save, keys_under, rows_of, topk_table  # noqa: E402
 from figures.make_figures import (DEFAULT_OUT, DEFAULT_RESULTS, INK, STYLE, WONG, _parse_list,  # noqa: E402
                                   draw_locality_panel, latex_table, load_locality_record, locality_legend,
@@ -612,7 +613,8 @@ def d3_rows(reader: Reader, models: list[str], extra: list[Path] = ()) -> list[d
     for m in models:
         found = d3_records(reader, m, extra)
         for src in found:   # a map cell's rows name its layout (the README shows no record column)
-            layout = src.name.split("-map-")[1].split("-D")[0] if "-map-" in src.name else src.name
+            tag = src.info.get("tag")
+            layout = layout_of(tag) if isinstance(tag, str) and tag.startswith(MAP_PREFIX) else src.name
             rows += [{**r, "quantity": f"{layout}: {r['quantity']}"}
                      for r in topk_rows(src, "D3", paper=paper, fracs=D3_FRACS)]
         if not found:   # a model that follows no F->R rule: the map's locality cells say so, and D3 cannot run
